@@ -1,0 +1,59 @@
+# The two commands a newcomer runs on a fresh Debian 12 machine, as root:
+#   make demo   sets everything up and runs the demo
+#   make test   sets everything up and runs ruff, mypy and the tests
+# Both are idempotent: a second run installs nothing new.
+
+SHELL := /bin/bash
+# The virtual environment lives outside the checkout so that unprivileged test
+# users (and slurmd's prolog, which has no PATH) can run it wherever the clone is.
+VENV ?= /opt/shifter-sshd/venv
+PY := $(VENV)/bin/python
+# Slow artefacts (debootstrap images, the udiImage bundle) are cached here.
+export SHIFTER_SSHD_LAB_CACHE ?= /var/cache/shifter-sshd-lab
+export SHIFTER_SSHD_VENV := $(VENV)
+
+APT_PACKAGES := python3 python3-venv python3-dev gcc make squashfs-tools squashfs-tools-ng \
+	debootstrap busybox-static openssh-server openssh-client slurm-wlm slurmctld slurmd \
+	munge libslurm-dev iproute2 util-linux psmisc procps zstd xz-utils openmpi-bin mpich \
+	uidmap
+
+.PHONY: demo test setup lint typecheck pytest bench clean-lab
+
+setup: $(VENV)/.installed
+	@$(PY) -m pip install -q --no-deps --no-build-isolation . >/dev/null
+
+$(VENV)/.installed: pyproject.toml
+	@missing=$$(dpkg-query -W -f='$${Status} $${Package}\n' $(APT_PACKAGES) 2>&1 | grep -v '^install ok installed' || true); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$(echo "$$missing" | awk '{print $$NF}' | tr '\n' ' ')"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			-o DPkg::Lock::Timeout=600 $(APT_PACKAGES); \
+	fi
+	@# Debian starts daemons on install; the lab starts its own.
+	@-pkill -x sshd; pkill -x munged; pkill -x slurmd; pkill -x slurmctld; true
+	@[ -x $(PY) ] || /usr/bin/python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip setuptools wheel
+	@$(PY) -m pip install -q '.[test]'
+	@chmod -R a+rX $(dir $(VENV))
+	@touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check shifter_sshd lab tests benchmarks
+	$(VENV)/bin/ruff format --check shifter_sshd lab tests benchmarks
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+pytest: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: setup
+	$(PY) -m lab.demo
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+clean-lab:
+	rm -rf $(SHIFTER_SSHD_LAB_CACHE)

@@ -1,0 +1,182 @@
+"""``shifter-sshd``: the admin and workload-manager command.
+
+Each subcommand imports its module only when it runs: the prolog and epilog are on
+every job's start path and must not pay for the image store or the key code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from .errors import EXIT_NODE, EXIT_OK, EXIT_USAGE, ShifterError
+
+if TYPE_CHECKING:
+    from .config import Config
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    from . import config, log
+
+    loaded = config.load(args.config)
+    for warning in loaded.warnings:
+        log.warning(warning)
+    return loaded
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from . import config
+
+    loaded = _config(argparse.Namespace(config=args.path or args.config))
+    sys.stdout.write(config.describe(loaded))
+    return EXIT_OK
+
+
+def cmd_image_import(args: argparse.Namespace) -> int:
+    from . import image
+
+    store = image.Store.from_config(_config(args))
+    meta = image.parse_metadata_args(args.env, args.entrypoint, args.workdir)
+    record = store.import_image(args.source, args.name, meta)
+    print(record.id)
+    return EXIT_OK
+
+
+def cmd_image_list(args: argparse.Namespace) -> int:
+    from . import image
+
+    store = image.Store.from_config(_config(args))
+    for name, record in store.list():
+        print(f"{name}\t{record.id}\t{record.size}\t{record.created}")
+    return EXIT_OK
+
+
+def cmd_image_lookup(args: argparse.Namespace) -> int:
+    from . import image
+
+    store = image.Store.from_config(_config(args))
+    print(store.lookup(args.name).id)
+    return EXIT_OK
+
+
+def cmd_image_remove(args: argparse.Namespace) -> int:
+    from . import image
+
+    store = image.Store.from_config(_config(args))
+    store.remove(args.name)
+    return EXIT_OK
+
+
+def cmd_prolog(args: argparse.Namespace) -> int:
+    from . import prolog
+
+    return prolog.main(args.config)
+
+
+def cmd_epilog(args: argparse.Namespace) -> int:
+    from . import epilog
+
+    return epilog.main(args.config)
+
+
+def cmd_udiimage_build(args: argparse.Namespace) -> int:
+    from . import udiimage
+
+    dest = args.dest or _config(args).opt_udi_image
+    udiimage.build(dest)
+    print(dest)
+    return EXIT_OK
+
+
+def cmd_secret_init(args: argparse.Namespace) -> int:
+    from . import keys
+
+    path = args.path or _config(args).ssh_key_secret
+    keys.init_secret(path, force=args.force)
+    print(path)
+    return EXIT_OK
+
+
+def cmd_spank_build(args: argparse.Namespace) -> int:
+    from . import spank
+
+    output = spank.build(args.output)
+    print(output)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shifter-sshd", description=__doc__)
+    parser.add_argument("--config", help="udiRoot.conf (default: $SHIFTER_SSHD_CONFIG, "
+                        "else /etc/shifter/udiRoot.conf)")  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cfg = sub.add_parser("config", help="udiRoot.conf").add_subparsers(dest="sub", required=True)
+    check = cfg.add_parser("check", help="validate and print the effective configuration")
+    check.add_argument("path", nargs="?")
+    check.set_defaults(func=cmd_config_check)
+
+    img = sub.add_parser("image", help="the image store").add_subparsers(dest="sub", required=True)
+    imp = img.add_parser("import", help="import a directory, tar archive or squashfs file")
+    imp.add_argument("source")
+    imp.add_argument("name", help="type:tag, e.g. docker:ubuntu:22.04")
+    imp.add_argument("--env", action="append", default=[], help="NAME=value (repeatable)")
+    imp.add_argument("--entrypoint", default=None)
+    imp.add_argument("--workdir", default=None)
+    imp.set_defaults(func=cmd_image_import)
+    img.add_parser("list", help="list images").set_defaults(func=cmd_image_list)
+    look = img.add_parser("lookup", help="print an image's id")
+    look.add_argument("name")
+    look.set_defaults(func=cmd_image_lookup)
+    rem = img.add_parser("remove", help="remove an image name (and its data if unused)")
+    rem.add_argument("name")
+    rem.set_defaults(func=cmd_image_remove)
+
+    sub.add_parser("prolog", help="Slurm Prolog: build this node's container for the job"
+                   ).set_defaults(func=cmd_prolog)  # fmt: skip
+    sub.add_parser("epilog", help="Slurm Epilog: tear this node's container down"
+                   ).set_defaults(func=cmd_epilog)  # fmt: skip
+
+    udi = sub.add_parser("udiimage", help="the OpenSSH bundle").add_subparsers(
+        dest="sub", required=True
+    )
+    bld = udi.add_parser("build", help="build the relocatable OpenSSH bundle")
+    bld.add_argument("--dest", default=None, help="default: optUdiImage")
+    bld.set_defaults(func=cmd_udiimage_build)
+
+    sec = sub.add_parser("secret", help="the site secret").add_subparsers(dest="sub", required=True)
+    ini = sec.add_parser("init", help="write a new site secret at sshKeySecret")
+    ini.add_argument("--path", default=None)
+    ini.add_argument("--force", action="store_true", help="replace an existing secret")
+    ini.set_defaults(func=cmd_secret_init)
+
+    spk = sub.add_parser("spank", help="the SPANK plugin").add_subparsers(dest="sub", required=True)
+    sbl = spk.add_parser("build", help="compile the SPANK plugin against Slurm's headers")
+    sbl.add_argument("--output", default=None)
+    sbl.set_defaults(func=cmd_spank_build)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Handler = args.func
+    try:
+        return func(args)
+    except ShifterError as err:
+        from . import log
+
+        log.error(str(err))
+        return err.exit_code
+    except KeyboardInterrupt:
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return EXIT_NODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

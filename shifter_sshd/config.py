@@ -1,0 +1,432 @@
+"""udiRoot.conf: Shifter's file format, every key parsed here with its default.
+
+A Shifter site's udiRoot.conf must work as it is, so Shifter keys this project has
+no use for are accepted with a warning; a key nobody knows is an error that names
+the file, the line, the key and the closest known key, because a typo silently
+ignored (``udiMont=``) would put a container root somewhere nobody expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ShifterError, node_error, usage_error
+
+DEFAULT_PATH = "/etc/shifter/udiRoot.conf"
+ENV_PATH = "SHIFTER_SSHD_CONFIG"
+
+
+@dataclass(frozen=True)
+class SiteMount:
+    """A ``siteFs`` entry or a user's ``--volume``: host ``source`` at ``dest``."""
+
+    source: str
+    dest: str
+    read_only: bool = False
+    recursive: bool = False
+
+
+@dataclass(frozen=True)
+class Module:
+    """A ``module_<name>_*`` group: site mounts and environment a job can ask for."""
+
+    name: str
+    site_fs: tuple[SiteMount, ...] = ()
+    site_env: tuple[tuple[str, str], ...] = ()
+    site_env_append: tuple[tuple[str, str], ...] = ()
+    site_env_prepend: tuple[tuple[str, str], ...] = ()
+    site_env_unset: tuple[str, ...] = ()
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration. Field defaults are the documented defaults."""
+
+    path: str = DEFAULT_PATH
+    udi_mount: str = "/var/udiMount"
+    loop_mount: str = "/var/udiLoopMount"
+    image_path: str = "/var/lib/shifter/images"
+    opt_udi_image: str = "/opt/shifter/udiImage"
+    etc_path: str | None = None
+    users_to_import: tuple[str, ...] = ()
+    site_fs: tuple[SiteMount, ...] = ()
+    site_env: tuple[tuple[str, str], ...] = ()
+    site_env_append: tuple[tuple[str, str], ...] = ()
+    site_env_prepend: tuple[tuple[str, str], ...] = ()
+    site_env_unset: tuple[str, ...] = ()
+    rootfs_type: str = "tmpfs"
+    mount_udi_root_writable: bool = True
+    max_group_count: int = 31
+    default_image_type: str = "docker"
+    system: str | None = None
+    default_modules: tuple[str, ...] = ()
+    modules: tuple[Module, ...] = ()
+    enable_sshd: bool = True
+    sshd_port: int = 1204
+    ssh_key_secret: str = "/etc/shifter/ssh_key_secret"
+    ssh_cert_grace: int = 600
+    ssh_cert_max_lifetime: int = 7 * 24 * 3600
+    state_path: str = "/run/shifter-sshd"
+    kill_grace: float = 5.0
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def module(self, name: str) -> Module | None:
+        for module in self.modules:
+            if module.name == name:
+                return module
+        return None
+
+
+# --- value parsers: each gets (where, key, raw value) and raises ShifterError -------
+
+
+def _path(where: str, key: str, value: str) -> str:
+    if not value.startswith("/") or "\0" in value:
+        raise node_error(where, f"{key} must be an absolute path", value)
+    return os.path.normpath(value)
+
+
+def _optional_path(where: str, key: str, value: str) -> str | None:
+    return _path(where, key, value) if value else None
+
+
+def _bool(where: str, key: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise node_error(where, f"{key} must be 0 or 1", value)
+
+
+def _int_range(low: int, high: int) -> Callable[[str, str, str], int]:
+    def parse(where: str, key: str, value: str) -> int:
+        try:
+            number = int(value, 10)
+        except ValueError:
+            raise node_error(where, f"{key} must be an integer", value) from None
+        if not low <= number <= high:
+            raise node_error(where, f"{key} must be between {low} and {high}", value)
+        return number
+
+    return parse
+
+
+def _seconds(where: str, key: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise node_error(where, f"{key} must be a number of seconds", value) from None
+    if not 0 <= number <= 3600:
+        raise node_error(where, f"{key} must be between 0 and 3600 seconds", value)
+    return number
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _names(where: str, key: str, value: str) -> tuple[str, ...]:
+    names = tuple(value.replace(",", " ").split())
+    for name in names:
+        if not _NAME.match(name):
+            raise node_error(where, f"{key} has an invalid name", name)
+    return names
+
+
+def _word(choices: tuple[str, ...] | None = None) -> Callable[[str, str, str], str]:
+    def parse(where: str, key: str, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise node_error(where, f"{key} must be a single word", value)
+        if choices is not None and value not in choices:
+            raise node_error(where, f"{key} must be one of {', '.join(choices)}", value)
+        return value
+
+    return parse
+
+
+def _optional_word(where: str, key: str, value: str) -> str | None:
+    return _word()(where, key, value) if value else None
+
+
+SITE_FS_FLAGS = ("ro", "rw", "rec")
+
+
+def parse_mount_spec(where: str, spec: str, allowed_flags: tuple[str, ...]) -> SiteMount:
+    """Parse ``source:dest[:flags]``; also used for the user's ``--volume``."""
+    parts = spec.split(":")
+    if len(parts) < 2 or len(parts) > 3 or not parts[0] or not parts[1]:
+        raise ShifterError(where, "expected source:destination[:flags]", spec)
+    source, dest = parts[0], parts[1]
+    flags = [f for f in parts[2].split(",") if f] if len(parts) == 3 else []
+    for path in (source, dest):
+        if not path.startswith("/"):
+            raise ShifterError(where, "paths must be absolute", path)
+        if "\0" in path or any(p == ".." for p in path.split("/")):
+            raise ShifterError(where, "paths may not contain '..'", path)
+    for flag in flags:
+        if flag not in allowed_flags:
+            raise ShifterError(where, f"unknown flag (allowed: {', '.join(allowed_flags)})", flag)
+    return SiteMount(
+        source=os.path.normpath(source),
+        dest=os.path.normpath(dest),
+        read_only="ro" in flags,
+        recursive="rec" in flags,
+    )
+
+
+def _site_fs(where: str, key: str, value: str) -> tuple[SiteMount, ...]:
+    specs = [s for s in re.split(r"[;\s]+", value) if s]
+    try:
+        return tuple(parse_mount_spec(where, spec, SITE_FS_FLAGS) for spec in specs)
+    except ShifterError as err:
+        raise node_error(where, f"{key}: {err.what}", err.value) from None
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_pairs(where: str, key: str, value: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in value.split():
+        name, sep, setting = item.partition("=")
+        if not sep or not _ENV_NAME.match(name):
+            raise node_error(where, f"{key} entries must be NAME=value", item)
+        pairs.append((name, setting))
+    return tuple(pairs)
+
+
+def _env_names(where: str, key: str, value: str) -> tuple[str, ...]:
+    names = tuple(value.split())
+    for name in names:
+        if not _ENV_NAME.match(name):
+            raise node_error(where, f"{key} entries must be variable names", name)
+    return names
+
+
+# --- the key table: file key -> (Config field, parser, repeatable) --------------------
+# Repeatable keys accumulate over several lines; a scalar given twice is an error.
+
+Parser = Callable[[str, str, str], Any]
+
+KEYS: dict[str, tuple[str, Parser, bool]] = {
+    "udiMount": ("udi_mount", _path, False),
+    "loopMount": ("loop_mount", _path, False),
+    "imagePath": ("image_path", _path, False),
+    "optUdiImage": ("opt_udi_image", _path, False),
+    "etcPath": ("etc_path", _optional_path, False),
+    "usersToImport": ("users_to_import", _names, True),
+    "siteFs": ("site_fs", _site_fs, True),
+    "siteEnv": ("site_env", _env_pairs, True),
+    "siteEnvAppend": ("site_env_append", _env_pairs, True),
+    "siteEnvPrepend": ("site_env_prepend", _env_pairs, True),
+    "siteEnvUnset": ("site_env_unset", _env_names, True),
+    "rootfsType": ("rootfs_type", _word(("tmpfs", "ramfs")), False),
+    "mountUdiRootWritable": ("mount_udi_root_writable", _bool, False),
+    "maxGroupCount": ("max_group_count", _int_range(0, 65536), False),
+    "defaultImageType": ("default_image_type", _word(("docker", "custom", "local")), False),
+    "system": ("system", _optional_word, False),
+    "defaultModules": ("default_modules", _names, True),
+    "enableSshd": ("enable_sshd", _bool, False),
+    "sshdPort": ("sshd_port", _int_range(1, 65535), False),
+    "sshKeySecret": ("ssh_key_secret", _path, False),
+    "sshCertGrace": ("ssh_cert_grace", _int_range(0, 7 * 24 * 3600), False),
+    "sshCertMaxLifetime": ("ssh_cert_max_lifetime", _int_range(60, 366 * 24 * 3600), False),
+    "statePath": ("state_path", _path, False),
+    "killGrace": ("kill_grace", _seconds, False),
+}
+
+# module_<name>_<key>: key -> (Module field, parser)
+MODULE_KEYS: dict[str, tuple[str, Parser]] = {
+    "siteFs": ("site_fs", _site_fs),
+    "siteEnv": ("site_env", _env_pairs),
+    "siteEnvAppend": ("site_env_append", _env_pairs),
+    "siteEnvPrepend": ("site_env_prepend", _env_pairs),
+    "siteEnvUnset": ("site_env_unset", _env_names),
+    "enabled": ("enabled", _bool),
+}
+
+# Shifter keys that mean nothing here: accepted with a warning so a site file works.
+IGNORED_KEYS = frozenset(
+    {
+        "cpPath", "mvPath", "chmodPath", "ddPath", "modprobePath", "insmodPath",
+        "mkfsXfsPath", "kmodBasePath", "kmodCacheFile", "autoLoadKernelModule",
+        "imageGateway", "gatewayTimeout", "udiRootPath", "allowLocalChroot",
+        "batchType", "nodeContextPrefix", "siteResources", "allowLibcPwdCalls",
+        "populateEtcDynamically", "sitePreMountHook", "sitePostMountHook",
+        "siteEnvPath", "enableUserNamespaces", "imageDir",
+    }
+)  # fmt: skip
+IGNORED_MODULE_KEYS = frozenset({"userhook", "roothook", "copyPath", "conflict"})
+
+_MODULE_KEY = re.compile(r"^module_([A-Za-z0-9-]+)_([A-Za-z]+)$")
+
+
+def _logical_lines(text: str) -> list[tuple[int, str]]:
+    """Join backslash-continued lines and drop comments, keeping first line numbers."""
+    lines: list[tuple[int, str]] = []
+    pending = ""
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].rstrip()
+        if not pending:
+            start = number
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        pending += line
+        if pending.strip():
+            lines.append((start, pending.strip()))
+        pending = ""
+    if pending.strip():
+        lines.append((start, pending.strip()))
+    return lines
+
+
+def parse(text: str, path: str = DEFAULT_PATH) -> Config:
+    """Parse udiRoot.conf text; raises ShifterError naming file, line, key and value."""
+    values: dict[str, Any] = {}
+    seen: dict[str, int] = {}
+    module_values: dict[str, dict[str, Any]] = {}
+    warnings: list[str] = []
+    for number, line in _logical_lines(text):
+        where = f"{path}:{number}"
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise node_error(where, "expected key=value", line)
+        if key in KEYS:
+            field_name, parser, repeatable = KEYS[key]
+            if key in seen and not repeatable:
+                raise node_error(where, f"{key} given twice (first at line {seen[key]})", value)
+            seen.setdefault(key, number)
+            parsed = parser(where, key, value)
+            values[field_name] = values.get(field_name, ()) + parsed if repeatable else parsed
+        elif key in IGNORED_KEYS:
+            warnings.append(f"{where}: Shifter key not used by shifter-sshd, ignored: {key}")
+        elif match := _MODULE_KEY.match(key):
+            _module_key(where, match.group(1), match.group(2), value, module_values, warnings)
+        else:
+            raise node_error(where, f"unknown key{_suggest(key)}", key)
+    modules = tuple(
+        Module(name=name, **fields) for name, fields in sorted(module_values.items())
+    )
+    config = Config(path=path, modules=modules, warnings=tuple(warnings), **values)
+    _check_whole(config)
+    return config
+
+
+def _module_key(
+    where: str,
+    name: str,
+    subkey: str,
+    value: str,
+    module_values: dict[str, dict[str, Any]],
+    warnings: list[str],
+) -> None:
+    if subkey in IGNORED_MODULE_KEYS:
+        warnings.append(f"{where}: module key not used by shifter-sshd, ignored: {subkey}")
+        return
+    if subkey not in MODULE_KEYS:
+        choices = ", ".join(sorted(MODULE_KEYS))
+        raise node_error(where, f"unknown module key (known: {choices})", subkey)
+    field_name, parser = MODULE_KEYS[subkey]
+    parsed = parser(where, f"module_{name}_{subkey}", value)
+    fields = module_values.setdefault(name, {})
+    if isinstance(parsed, tuple):
+        fields[field_name] = fields.get(field_name, ()) + parsed
+    else:
+        fields[field_name] = parsed
+
+
+def _suggest(key: str) -> str:
+    known = list(KEYS) + sorted(IGNORED_KEYS)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:
+        lowered = {k.lower(): k for k in known}
+        if key.lower() in lowered:
+            close = [lowered[key.lower()]]
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check_whole(config: Config) -> None:
+    """Checks that involve several keys."""
+    where = config.path
+    roots = {"udiMount": config.udi_mount, "loopMount": config.loop_mount}
+    for name, path in roots.items():
+        if path == "/" or path.count("/") < 2:
+            raise node_error(where, f"{name} is too close to / to be used as a mount area", path)
+    if config.udi_mount == config.loop_mount:
+        raise node_error(where, "udiMount and loopMount must differ", config.udi_mount)
+    for name in config.default_modules:
+        if config.module(name) is None:
+            raise node_error(where, "defaultModules names an undefined module", name)
+
+
+def resolve_path(cli_path: str | None = None) -> str:
+    """The config path: ``--config``, else $SHIFTER_SSHD_CONFIG, else the default."""
+    return cli_path or os.environ.get(ENV_PATH) or DEFAULT_PATH
+
+
+def load(cli_path: str | None = None) -> Config:
+    path = resolve_path(cli_path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise node_error("config", "file not found", path) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise node_error("config", f"cannot read ({err})", path) from None
+    return parse(text, path)
+
+
+def describe(config: Config) -> str:
+    """The effective configuration in udiRoot.conf syntax, for ``config check``."""
+    lines = [f"# effective configuration from {config.path}"]
+    for key, (field_name, _parser, _repeat) in KEYS.items():
+        lines.append(f"{key}={_render(getattr(config, field_name))}")
+    for module in config.modules:
+        for subkey, (field_name, _parser) in MODULE_KEYS.items():
+            lines.append(f"module_{module.name}_{subkey}={_render(getattr(module, field_name))}")
+    return "\n".join(lines) + "\n"
+
+
+def _render(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple) and value and all(isinstance(i, tuple) for i in value):
+        return " ".join(f"{name}={setting}" for name, setting in value)  # env pairs
+    if isinstance(value, tuple):
+        return " ".join(_render(item) for item in value)
+    if isinstance(value, SiteMount):
+        flags = ",".join(f for f, on in (("ro", value.read_only), ("rec", value.recursive)) if on)
+        return f"{value.source}:{value.dest}" + (f":{flags}" if flags else "")
+    return str(value)
+
+
+def with_overrides(config: Config, **changes: Any) -> Config:
+    """A copy with some fields changed (tests and the lab use it)."""
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = [
+    "DEFAULT_PATH",
+    "KEYS",
+    "Config",
+    "Module",
+    "ShifterError",
+    "SiteMount",
+    "load",
+    "parse",
+    "parse_mount_spec",
+    "resolve_path",
+    "usage_error",
+]
