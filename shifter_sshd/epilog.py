@@ -1,0 +1,34 @@
+"""``shifter-sshd epilog``: take this node's container for the job apart.
+
+Succeeds when there is nothing to do (no prolog ran, or the epilog runs twice).
+Exits 1, which drains the node, only when mounts could not be removed: the node
+then really needs an admin.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import log, teardown
+from . import job as job_mod
+from .errors import EXIT_NODE, EXIT_OK, ShifterError
+from .state import StateStore
+
+
+def main(config_path: str | None = None, env: dict[str, str] | None = None) -> int:
+    from . import config as config_mod
+
+    os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")  # slurmd gives none
+    environ = dict(os.environ) if env is None else env
+    try:
+        config = config_mod.load(config_path)
+        job_id = job_mod.job_id_from_env(environ)
+        clean = teardown.teardown(config, StateStore(config.state_path), job_id)
+    except ShifterError as err:
+        log.error(str(err))
+        return EXIT_NODE
+    if not clean:
+        log.error(f"shifter-sshd: epilog: job {job_id}: mounts left behind under "
+                  f"{config.udi_mount} or {config.loop_mount}")  # fmt: skip
+        return EXIT_NODE
+    return EXIT_OK

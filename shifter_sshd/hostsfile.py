@@ -1,0 +1,37 @@
+"""/var/hostsfile and friends: the allocation, as MPI launchers want to read it.
+
+Node lists are expanded with ClusterShell's NodeSet (31 ms to import), but only when
+the list is compressed (``node[1-3]``); a plain list is split by hand.
+"""
+
+from __future__ import annotations
+
+from .errors import user_error
+from .job import expand_cpus_per_node
+from .rootpath import Root
+
+
+def expand_nodelist(text: str) -> list[str]:
+    if "[" not in text:
+        return [n for n in text.split(",") if n]
+    from ClusterShell.NodeSet import NodeSet, NodeSetParseError
+
+    try:
+        return list(NodeSet(text))
+    except NodeSetParseError as err:
+        raise user_error("job environment", f"malformed node list ({err})", text) from None
+
+
+def slots(node_list: str, cpus_per_node: str, node_name: str) -> list[tuple[str, int]]:
+    """(node, tasks) for every node of the job, in Slurm's order."""
+    nodes = expand_nodelist(node_list) or [node_name]
+    return list(zip(nodes, expand_cpus_per_node(cpus_per_node, len(nodes)), strict=True))
+
+
+def render_hostsfile(allocation: list[tuple[str, int]]) -> str:
+    """Shifter's format: one line per task."""
+    return "".join(f"{node}\n" * count for node, count in allocation)
+
+
+def write(root: Root, allocation: list[tuple[str, int]]) -> None:
+    root.write("/var/hostsfile", render_hostsfile(allocation))

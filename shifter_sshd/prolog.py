@@ -1,0 +1,235 @@
+"""``shifter-sshd prolog``: build this node's container for the job, step by step.
+
+Exit status (docs/integration.md): 0 when the container is ready, when the job
+asked for none, and when the user's request cannot be served (unknown image, bad
+volume: logged, left in ``statePath/<job>.error`` for the SPANK plugin to show the
+user); 1 only when the node itself is broken, because Slurm drains the node on any
+non-zero prolog. A failed prolog undoes what it did before it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import etc, hostsfile, image, log, rootfs, teardown, users, volumes
+from . import job as job_mod
+from .config import Config, SiteMount
+from .errors import EXIT_NODE, EXIT_OK, Kind, ShifterError, node_error
+from .mounts import Mounter
+from .rootpath import Root
+from .state import JobState, StateStore
+
+
+@dataclass
+class Setup:
+    """Everything the steps share; each step fills in what later steps need."""
+
+    config: Config
+    job: job_mod.Job
+    store: StateStore
+    state: JobState
+    mounter: Mounter
+    image: image.Record | None = None
+    user: users.User | None = None
+    volumes: list[SiteMount] = field(default_factory=list)
+    image_dir: str = ""
+    root: Root | None = None
+    timings: list[tuple[str, float]] = field(default_factory=list)
+
+
+def step_image(s: Setup) -> None:
+    store = image.Store.from_config(s.config)
+    if s.job.image_id:  # pinned at submission: run what was submitted
+        s.image = store.get(s.job.image_id, name=s.job.image)
+    else:
+        s.image = store.lookup(s.job.image or "")
+    s.state.image_id = s.image.id
+
+
+def step_user(s: Setup) -> None:
+    s.user = users.lookup(s.job.uid, s.job.user, s.config.max_group_count)
+    s.state.user, s.state.uid = s.user.name, s.user.uid
+
+
+def step_volumes(s: Setup) -> None:
+    s.volumes = volumes.parse_volumes(s.job.volumes)
+
+
+def step_leftovers(s: Setup) -> None:
+    """A prolog run again for the same job (requeue, retry) starts from nothing."""
+    if s.store.load(s.job.job_id) is not None or os.path.exists(s.state.root):
+        log.info(f"prolog: job {s.job.job_id}: removing an earlier container of this job")
+        if not teardown.teardown(s.config, s.store, s.job.job_id):
+            raise node_error("prolog", "cannot remove an earlier container", s.state.root)
+
+
+def step_mount_points(s: Setup) -> None:
+    rootfs.make_mount_points(s.state.root, s.state.scratch)
+    s.store.save(s.state)
+
+
+def step_scratch(s: Setup) -> None:
+    rootfs.mount_scratch(s.mounter, s.state.scratch)
+
+
+def step_root(s: Setup) -> None:
+    rootfs.mount_root(s.mounter, s.config, s.state.root)
+
+
+def step_image_mount(s: Setup) -> None:
+    assert s.image is not None
+    s.image_dir = rootfs.mount_image(s.mounter, s.image.path, s.state.scratch)
+
+
+def step_image_tree(s: Setup) -> None:
+    rootfs.bind_image_tree(s.mounter, s.image_dir, s.state.root)
+
+
+def step_overlays(s: Setup) -> None:
+    rootfs.mount_overlays(s.mounter, s.image_dir, s.state.scratch, s.state.root)
+    s.root = Root(s.state.root)
+
+
+def step_etc(s: Setup) -> None:
+    assert s.root is not None and s.user is not None
+    etc.populate(s.root, s.config, s.user, etc.login_shell(s.root, s.user))
+
+
+def step_system(s: Setup) -> None:
+    rootfs.mount_system(s.mounter, s.state.root)
+
+
+def step_udiimage(s: Setup) -> None:
+    rootfs.mount_udiimage(s.mounter, s.config, s.state.root)
+
+
+def step_site_fs(s: Setup) -> None:
+    assert s.root is not None
+    volumes.mount_site_fs(s.mounter, s.root, s.config)
+
+
+def step_user_volumes(s: Setup) -> None:
+    assert s.root is not None and s.user is not None
+    volumes.mount_user_volumes(s.mounter, s.root, s.user, s.volumes)
+
+
+def step_hostsfile(s: Setup) -> None:
+    assert s.root is not None
+    job = s.job
+    hostsfile.write(s.root, hostsfile.slots(job.node_list, job.cpus_per_node, job.node_name))
+
+
+def step_finish(s: Setup) -> None:
+    rootfs.finish(s.mounter, s.config, s.state.root)
+    s.state.complete = True
+    s.store.save(s.state)
+
+
+STEPS: list[tuple[str, Callable[[Setup], None]]] = [
+    ("image", step_image),
+    ("user", step_user),
+    ("volumes", step_volumes),
+    ("leftovers", step_leftovers),
+    ("mount points", step_mount_points),
+    ("scratch", step_scratch),
+    ("root", step_root),
+    ("image mount", step_image_mount),
+    ("image tree", step_image_tree),
+    ("overlays", step_overlays),
+    ("etc", step_etc),
+    ("system", step_system),
+    ("udiImage", step_udiimage),
+    ("siteFs", step_site_fs),
+    ("user volumes", step_user_volumes),
+    ("hostsfile", step_hostsfile),
+    ("finish", step_finish),
+]
+
+# Tests make any step fail or die: SHIFTER_SSHD_FAULT=<raise|kill>:<step name>.
+# slurmd passes users only SPANK_* variables, so a job cannot set this.
+FAULT_VARIABLE = "SHIFTER_SSHD_FAULT"
+
+
+def _inject_fault(name: str) -> None:
+    action, _sep, step = os.environ.get(FAULT_VARIABLE, "").partition(":")
+    if step != name:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "raise":
+        raise node_error("fault injection", "failing on purpose at step", name)
+
+
+def run_steps(s: Setup) -> None:
+    for name, step in STEPS:
+        _inject_fault(name)
+        started = time.perf_counter()
+        step(s)
+        s.timings.append((name, time.perf_counter() - started))
+
+
+def build(config: Config, job: job_mod.Job) -> Setup:
+    """Build the container; on any failure undo everything, then re-raise."""
+    store = StateStore(config.state_path)
+    root, scratch = rootfs.job_dirs(config, job.job_id)
+    state = JobState(job_id=job.job_id, root=root, scratch=scratch)
+    setup = Setup(config, job, store, state, Mounter(state, store))
+    try:
+        run_steps(setup)
+    except BaseException:
+        if setup.root is not None:
+            setup.root.close()
+        if store.load(job.job_id) is not None and not teardown.teardown(config, store, job.job_id):
+            log.error(f"prolog: job {job.job_id}: rollback left mounts behind")
+            raise node_error("prolog", "rollback after a failure left mounts", root) from None
+        raise
+    if setup.root is not None:
+        setup.root.close()
+    return setup
+
+
+def main(config_path: str | None = None, env: dict[str, str] | None = None) -> int:
+    from . import config as config_mod
+
+    os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")  # slurmd gives none
+    environ = dict(os.environ) if env is None else env
+    try:
+        config = config_mod.load(config_path)
+        job = job_mod.from_env(environ)
+    except ShifterError as err:
+        log.error(str(err))
+        return EXIT_NODE
+    if not job.image and not job.image_id:
+        return EXIT_OK  # not a container job
+    started = time.perf_counter()
+    try:
+        setup = build(config, job)
+    except ShifterError as err:
+        return _failed(config, job, err)
+    except Exception as err:  # a bug must not drain the node if rollback left it clean
+        log.error(f"shifter-sshd: prolog: job {job.job_id}: internal error: {err!r}")
+        StateStore(config.state_path).write_error(job.job_id, f"internal error: {err!r}")
+        return EXIT_OK
+    _report(setup, time.perf_counter() - started)
+    return EXIT_OK
+
+
+def _failed(config: Config, job: job_mod.Job, err: ShifterError) -> int:
+    log.error(f"{err} (job {job.job_id})")
+    if err.kind is Kind.USER:
+        StateStore(config.state_path).write_error(job.job_id, str(err))
+        return EXIT_OK
+    return EXIT_NODE
+
+
+def _report(setup: Setup, total: float) -> None:
+    log.info(f"prolog: job {setup.job.job_id}: container ready at {setup.state.root} "
+             f"({total * 1000:.1f} ms)")  # fmt: skip
+    if os.environ.get("SHIFTER_SSHD_TIMING"):
+        for name, seconds in setup.timings:
+            sys.stderr.write(f"timing {name} {seconds * 1000:.3f}\n")
