@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print measurements, run with python -m benchmarks.<name>."""
