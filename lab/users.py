@@ -16,7 +16,7 @@ GROUP_GID = 2990
 
 
 @dataclass(frozen=True)
-class TestUser:
+class LabUser:
     name: str
     uid: int
     gid: int
@@ -26,7 +26,7 @@ class TestUser:
 USERS = (("sstest1", 2901), ("sstest2", 2902))
 
 
-def ensure_users() -> list[TestUser]:
+def ensure_users() -> list[LabUser]:
     """Create the test users and their shared group if missing; return them."""
     try:
         grp.getgrnam(GROUP)
@@ -37,10 +37,22 @@ def ensure_users() -> list[TestUser]:
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            subprocess.run(
-                ["useradd", "-m", "-u", str(uid), "-U", "-G", GROUP, "-s", "/bin/bash", name],
+            subprocess.run(  # fmt: skip
+                ["useradd", "-m", "-u", str(uid), "-U", "-G", GROUP, "-s", "/bin/bash",
+                 "-p", "*", name],
                 check=True,
             )
             entry = pwd.getpwnam(name)
-        users.append(TestUser(name, entry.pw_uid, entry.pw_gid, entry.pw_dir))
+        _unlock(name)
+        users.append(LabUser(name, entry.pw_uid, entry.pw_gid, entry.pw_dir))
     return users
+
+
+def _unlock(name: str) -> None:
+    """``*`` (no password) instead of useradd's ``!`` (locked): a root sshd with
+    UsePAM no refuses a locked account even with a valid certificate."""
+    with open("/etc/shadow", encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.split(":")
+            if fields[0] == name and fields[1].startswith("!"):
+                subprocess.run(["usermod", "-p", "*", name], check=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import node_error, user_error
 
-_JOB_ID = re.compile(r"^[0-9]{1,12}(_[0-9]+)?$")
+_JOB_ID = re.compile(r"^[0-9]{1,12}$")
 _CPUS = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
 
 

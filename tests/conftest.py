@@ -19,3 +19,71 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.exit(f"missing prerequisites: {', '.join(missing)} (run make test)", returncode=3)
+
+
+# --- images and per-test node areas -----------------------------------------------------
+
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from support import CLI, Node, run  # noqa: E402
+
+from lab import images, users  # noqa: E402
+
+BUSYBOX = "docker:busybox:test"
+DEBIAN = "docker:debian:openmpi"
+
+
+@dataclass(frozen=True)
+class ImageStore:
+    path: str
+    busybox_id: str
+    debian_id: str
+
+
+def _import(config: Path, source: str, name: str) -> str:
+    done = run([CLI, "--config", str(config), "image", "import", source, name], dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def image_store(tmp_path_factory: pytest.TempPathFactory) -> ImageStore:
+    """An image store with the busybox root and the cached Debian + Open MPI image."""
+    base = tmp_path_factory.mktemp("store")
+    os.chmod(base, 0o755)
+    config = base / "udiRoot.conf"
+    config.write_text(f"imagePath={base}/images\n")
+    tree = images.busybox_tree(base / "busybox")
+    busybox_id = _import(config, str(tree), BUSYBOX)
+    debian_id = _import(config, str(images.debian_squashfs("openmpi")), DEBIAN)
+    return ImageStore(f"{base}/images", busybox_id, debian_id)
+
+
+@pytest.fixture(scope="session")
+def test_users() -> list[users.LabUser]:
+    return users.ensure_users()
+
+
+@pytest.fixture
+def node(tmp_path: Path, image_store: ImageStore) -> Iterator[Node]:
+    area = Node(tmp_path, image_store.path)
+    try:
+        yield area
+    finally:
+        area.cleanup()
+
+
+@pytest.fixture
+def user_tmp() -> Iterator[Path]:
+    """A scratch directory the test users can reach (pytest's tmp_path is root-only)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="shifter-sshd-test-", dir="/var/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
