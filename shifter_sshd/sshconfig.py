@@ -54,6 +54,9 @@ MACS = ("hmac-sha2-512-etm@openssh.com", "hmac-sha2-256-etm@openssh.com")
 HOST_KEY_ALGORITHMS = ("ssh-ed25519-cert-v01@openssh.com", "ssh-ed25519")
 CLIENT_HOST_KEY_ALGORITHMS = ("ssh-ed25519-cert-v01@openssh.com",)
 USER_KEY_ALGORITHMS = ("ssh-ed25519-cert-v01@openssh.com",)
+# The client must accept the plain key type too, or it skips the private key that
+# goes with the certificate and cannot sign; sshd still accepts certificates only.
+CLIENT_USER_KEY_ALGORITHMS = ("ssh-ed25519-cert-v01@openssh.com", "ssh-ed25519")
 CA_ALGORITHMS = ("ssh-ed25519",)
 
 # Session variables that keep MPI launchers on ssh inside a Slurm job (FINDINGS).
@@ -146,7 +149,6 @@ def _algorithms() -> dict[str, str]:
         "ciphers": ",".join(CIPHERS),
         "macs": ",".join(MACS),
         "ca_algorithms": ",".join(CA_ALGORITHMS),
-        "user_key_algorithms": ",".join(USER_KEY_ALGORITHMS),
     }
 
 
@@ -169,6 +171,7 @@ def _sshd_values(s: SshdSettings) -> dict[str, object]:
         "login_grace_time": _int(where, "LoginGraceTime", s.login_grace_time, 1, 3600),
         "setenv": " ".join(quote_setenv(k, v) for k, v in s.environment.items()),
         "host_key_algorithms": ",".join(HOST_KEY_ALGORITHMS),
+        "user_key_algorithms": ",".join(USER_KEY_ALGORITHMS),
     }
     for key in ("host_key", "host_certificate", "trusted_user_ca_keys"):
         values[key] = _match(where, key, _PATH, getattr(s, key))
@@ -185,6 +188,7 @@ def _client_values(s: SshClientSettings) -> dict[str, object]:
         "connect_timeout": _int(where, "ConnectTimeout", s.connect_timeout, 1, 600),
         "include_user_config": bool(s.include_user_config),
         "host_key_algorithms": ",".join(CLIENT_HOST_KEY_ALGORITHMS),
+        "user_key_algorithms": ",".join(CLIENT_USER_KEY_ALGORITHMS),
     }
     for key in ("identity_file", "certificate_file", "known_hosts"):
         values[key] = _match(where, key, _PATH, getattr(s, key))
