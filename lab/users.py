@@ -37,11 +37,8 @@ def ensure_users() -> list[LabUser]:
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            subprocess.run(  # fmt: skip
-                ["useradd", "-m", "-u", str(uid), "-U", "-G", GROUP, "-s", "/bin/bash",
-                 "-p", "*", name],
-                check=True,
-            )
+            argv = ["useradd", "-m", "-u", str(uid), "-U", "-G", GROUP, "-s", "/bin/bash"]
+            subprocess.run([*argv, "-p", "*", name], check=True)
             entry = pwd.getpwnam(name)
         _unlock(name)
         users.append(LabUser(name, entry.pw_uid, entry.pw_gid, entry.pw_dir))

@@ -70,7 +70,7 @@ class Config:
     modules: tuple[Module, ...] = ()
     enable_sshd: bool = True
     sshd_port: int = 1204
-    ssh_key_secret: str = "/etc/shifter/ssh_key_secret"
+    ssh_key_secret: str = "/etc/shifter/ssh_key_secret"  # noqa: S105 - a path
     ssh_cert_grace: int = 600
     ssh_cert_max_lifetime: int = 7 * 24 * 3600
     state_path: str = "/run/shifter-sshd"
@@ -314,9 +314,7 @@ def parse(text: str, path: str = DEFAULT_PATH) -> Config:
             _module_key(where, match.group(1), match.group(2), value, module_values, warnings)
         else:
             raise node_error(where, f"unknown key{_suggest(key)}", key)
-    modules = tuple(
-        Module(name=name, **fields) for name, fields in sorted(module_values.items())
-    )
+    modules = tuple(Module(name=name, **fields) for name, fields in sorted(module_values.items()))
     config = Config(path=path, modules=modules, warnings=tuple(warnings), **values)
     _check_whole(config)
     return config

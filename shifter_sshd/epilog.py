@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from . import log, teardown
 from . import job as job_mod
+from . import log, teardown
 from .errors import EXIT_NODE, EXIT_OK, ShifterError
 from .state import StateStore
 

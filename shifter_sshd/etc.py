@@ -14,8 +14,8 @@ from . import log
 from . import users as users_mod
 from .config import Config
 from .errors import node_error
-from .rootpath import Root
 from .rootfs import TTY_GID
+from .rootpath import Root
 from .users import User
 
 NSSWITCH = """\

@@ -6,20 +6,27 @@ the list is compressed (``node[1-3]``); a plain list is split by hand.
 
 from __future__ import annotations
 
+import re
+
 from .errors import user_error
 from .job import expand_cpus_per_node
 from .rootpath import Root
 
 
 def expand_nodelist(text: str) -> list[str]:
+    """Slurm's order, which SLURM_JOB_CPUS_PER_NODE follows: NodeSet sorts a whole
+    set, so each comma-separated term is expanded on its own, in place."""
     if "[" not in text:
         return [n for n in text.split(",") if n]
     from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 
+    nodes: list[str] = []
     try:
-        return list(NodeSet(text))
+        for term in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", text):
+            nodes += list(NodeSet(term))
     except NodeSetParseError as err:
         raise user_error("job environment", f"malformed node list ({err})", text) from None
+    return nodes
 
 
 def slots(node_list: str, cpus_per_node: str, node_name: str) -> list[tuple[str, int]]:

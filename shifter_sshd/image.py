@@ -2,7 +2,7 @@
 
 Layout::
 
-    imagePath/data/<id>.sqsh     the image (id = sha256 of this file)
+    imagePath/data/<id>.sqsh     the image (id: sha256 over its digest and metadata)
     imagePath/data/<id>.json     its metadata (env, entrypoint, workdir, created)
     imagePath/names/<type>/<tag> the id a name points at (tag percent-encoded)
 
@@ -162,7 +162,7 @@ class Store:
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".import-") as tmp:
             partial = os.path.join(tmp, "image.sqsh")
             _to_squashfs(source, partial)
-            image_id = _sha256(partial)
+            image_id = _image_id(_sha256(partial), metadata)
             with self._locked():
                 self._commit(partial, image_id, metadata, source)
                 _write_atomic(self._name_path(parsed), json.dumps({"id": image_id}) + "\n")
@@ -245,6 +245,12 @@ def _run(argv: list[str], source: str, stdin: object = None) -> None:
         output = (err.stderr or err.stdout or b"").decode(errors="replace").strip()
         last = output.splitlines()[-1] if output else f"exit {err.returncode}"
         raise usage_error("image import", f"{argv[0]} failed ({last})", source) from None
+
+
+def _image_id(squashfs_digest: str, metadata: Metadata) -> str:
+    """The id covers the files and the metadata: same tree, other env, other image."""
+    canonical = json.dumps(dataclasses.asdict(metadata), sort_keys=True)
+    return hashlib.sha256(f"{squashfs_digest}\n{canonical}".encode()).hexdigest()
 
 
 def _sha256(path: str) -> str:

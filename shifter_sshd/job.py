@@ -85,6 +85,8 @@ def expand_cpus_per_node(text: str, nodes: int) -> list[int]:
         return [1] * nodes
     if len(counts) != nodes:
         raise node_error(
-            "job environment", f"SLURM_JOB_CPUS_PER_NODE lists {len(counts)} nodes, not {nodes}", text
+            "job environment",
+            f"SLURM_JOB_CPUS_PER_NODE lists {len(counts)} nodes, not {nodes}",
+            text,
         )
     return counts

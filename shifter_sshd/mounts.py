@@ -66,7 +66,9 @@ def _do(call: Callable[[], None], what: str, target: str) -> None:
     try:
         call()
     except OSError as err:
-        raise node_error("mount", f"{what} failed ({os.strerror(err.errno or 0)})", target) from None
+        raise node_error(
+            "mount", f"{what} failed ({os.strerror(err.errno or 0)})", target
+        ) from None
 
 
 # --- reading /proc/self/mountinfo -----------------------------------------------------
@@ -159,7 +161,9 @@ def _unmount_one(target: str, attempts: int, lazy: list[str]) -> None:
             if err.errno in (errno.EINVAL, errno.ENOENT):
                 return  # not a mount point (any more): already undone
             if err.errno != errno.EBUSY:
-                raise node_error("unmount", f"failed ({os.strerror(err.errno or 0)})", target) from None
+                raise node_error(
+                    "unmount", f"failed ({os.strerror(err.errno or 0)})", target
+                ) from None
             time.sleep(0.005 * (attempt + 1))
     log.warning(f"unmount: still busy, detaching lazily: {target}")
     try:

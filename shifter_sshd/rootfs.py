@@ -61,7 +61,8 @@ def mount_image(m: Mounter, image_file: str, scratch: str) -> str:
     try:
         device, device_fd = sc.attach_loop(image_file)
     except OSError as err:
-        raise node_error("image mount", f"cannot attach a loop device ({err.strerror})", image_file)
+        what = f"cannot attach a loop device ({err.strerror})"
+        raise node_error("image mount", what, image_file) from None
     m.state.loop_device = device
     try:
         m.fs("squashfs", device, target, sc.MS_RDONLY | NOSUID_NODEV)

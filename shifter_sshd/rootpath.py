@@ -121,7 +121,9 @@ class Root:
             except FileNotFoundError:
                 pass
             except IsADirectoryError:
-                raise user_error("container root", "a directory stands where a file goes", path) from None
+                raise user_error(
+                    "container root", "a directory stands where a file goes", path
+                ) from None
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(name, flags, mode, dir_fd=directory)
             try:

@@ -96,8 +96,12 @@ def _check_loop(state: JobState) -> None:
     if not state.loop_device:
         return
     backing = f"/sys/block/{os.path.basename(state.loop_device)}/loop/backing_file"
-    for _attempt in range(50):
-        if not os.path.exists(backing):
+    for _attempt in range(200):  # the kernel clears an autoclear device from a work queue
+        try:
+            with open(backing, encoding="utf-8") as handle:
+                if state.image_id not in handle.read():
+                    return  # already reused by another job's image
+        except FileNotFoundError:
             return
         time.sleep(0.01)
     log.warning(

@@ -82,5 +82,7 @@ def lookup_name(name: str) -> tuple[str, Group] | None:
     except KeyError:
         group = Group(f"group{entry.pw_gid}", entry.pw_gid)
     gecos = entry.pw_gecos.replace(":", " ")
-    line = f"{entry.pw_name}:x:{entry.pw_uid}:{entry.pw_gid}:{gecos}:{entry.pw_dir}:{entry.pw_shell}"
+    line = (
+        f"{entry.pw_name}:x:{entry.pw_uid}:{entry.pw_gid}:{gecos}:{entry.pw_dir}:{entry.pw_shell}"
+    )
     return line, group

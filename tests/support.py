@@ -111,13 +111,25 @@ def attached_loops(image_path: str) -> list[str]:
     return found
 
 
-def run(argv: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+def run(
+    argv: list[str], env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def in_root(root: str, uid: int, gids: list[int], script: str) -> subprocess.CompletedProcess[str]:
     """Run a shell script inside the container root as the user (chroot, then drop)."""
     groups = ",".join(map(str, gids))
-    argv = ["/usr/sbin/chroot", f"--userspec={uid}:{gids[0]}", f"--groups={groups}", root, "/bin/sh", "-c", script]
+    argv = [
+        "/usr/sbin/chroot",
+        f"--userspec={uid}:{gids[0]}",
+        f"--groups={groups}",
+        root,
+        "/bin/sh",
+        "-c",
+        script,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
                           env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/"})  # fmt: skip

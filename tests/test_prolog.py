@@ -113,7 +113,9 @@ def test_job_without_image_is_left_alone(node: Node, test_users: list[LabUser]) 
     assert node.leftovers() == []
 
 
-def test_pinned_image_id_wins(node: Node, test_users: list[LabUser], image_store: ImageStore) -> None:
+def test_pinned_image_id_wins(
+    node: Node, test_users: list[LabUser], image_store: ImageStore
+) -> None:
     user = test_users[0]
     env = node.job_env("106", user.name, user.uid, user.gid, SPANK_SHIFTER_IMAGE=BUSYBOX,
                        SPANK_SHIFTER_IMAGE_ID=image_store.debian_id)  # fmt: skip
@@ -122,7 +124,9 @@ def test_pinned_image_id_wins(node: Node, test_users: list[LabUser], image_store
     assert node.epilog("106").returncode == 0
 
 
-@pytest.mark.parametrize("step", ["scratch", "image tree", "etc", "system", "user volumes", "finish"])
+@pytest.mark.parametrize(
+    "step", ["scratch", "image tree", "etc", "system", "user volumes", "finish"]
+)
 def test_failure_part_way_is_rolled_back(node: Node, test_users: list[LabUser], step: str) -> None:
     user = test_users[0]
     env = node.job_env("107", user.name, user.uid, user.gid, SPANK_SHIFTER_IMAGE=BUSYBOX,

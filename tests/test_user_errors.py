@@ -21,8 +21,10 @@ def _error_file(node: Node, job_id: str) -> str:
     [
         ({"SPANK_SHIFTER_IMAGE": "docker:nosuch:1"}, "image: no such image: docker:nosuch:1"),
         ({"SPANK_SHIFTER_IMAGE": "docker:bad name"}, "malformed image name"),
-        ({"SPANK_SHIFTER_IMAGE": BUSYBOX, "SPANK_SHIFTER_IMAGE_ID": "0" * 64},
-         "image no longer in the store"),
+        (
+            {"SPANK_SHIFTER_IMAGE": BUSYBOX, "SPANK_SHIFTER_IMAGE_ID": "0" * 64},
+            "image no longer in the store",
+        ),
         ({"SPANK_SHIFTER_VOLUME": "/nonexistent-src:/data"}, "--volume: source does not exist"),
         ({"SPANK_SHIFTER_VOLUME": "relative:/data"}, "paths must be absolute: relative"),
         ({"SPANK_SHIFTER_VOLUME": "/root:/data"}, "source not writable by sstest1: /root"),
@@ -43,7 +45,9 @@ def test_user_mistakes_do_not_drain(
     node: Node, test_users: list[LabUser], extra: dict[str, str], message: str
 ) -> None:
     user = test_users[0]
-    env = node.job_env("201", user.name, user.uid, user.gid, **{"SPANK_SHIFTER_IMAGE": BUSYBOX, **extra})
+    env = node.job_env(
+        "201", user.name, user.uid, user.gid, **{"SPANK_SHIFTER_IMAGE": BUSYBOX, **extra}
+    )
     done = node.prolog(env)
     assert done.returncode == 0, done.stderr
     assert message in done.stderr
@@ -53,7 +57,9 @@ def test_user_mistakes_do_not_drain(
     assert node.leftovers() == []
 
 
-def test_unreadable_volume_is_refused(node: Node, test_users: list[LabUser], tmp_path: Path) -> None:
+def test_unreadable_volume_is_refused(
+    node: Node, test_users: list[LabUser], tmp_path: Path
+) -> None:
     user = test_users[0]
     private = tmp_path / "private"
     private.mkdir(mode=0o700)  # root's: the user cannot read it
@@ -99,7 +105,9 @@ def test_bad_job_environment(
 def test_broken_config_drains(node: Node, test_users: list[LabUser]) -> None:
     user = test_users[0]
     Path(node.config).write_text("udiMont=/var/x\n")
-    done = node.prolog(node.job_env("205", user.name, user.uid, user.gid, SPANK_SHIFTER_IMAGE=BUSYBOX))
+    done = node.prolog(
+        node.job_env("205", user.name, user.uid, user.gid, SPANK_SHIFTER_IMAGE=BUSYBOX)
+    )
     assert done.returncode == 1
     assert f"{node.config}:1: unknown key (did you mean udiMount?): udiMont" in done.stderr
     os.unlink(node.config)
