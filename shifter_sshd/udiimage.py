@@ -54,8 +54,8 @@ BINARIES = {
 }
 WRAPPERS = {"ssh": "WRAP_SSH", "scp": "WRAP_SCP", "sftp": "WRAP_SFTP"}
 MODULI = "/etc/ssh/moduli"
-PACKAGES = ("openssh-server", "openssh-client")
 BUSYBOX = "/bin/busybox"
+PACKAGES = ("openssh-server", "openssh-client", "busybox-static")
 CHECK_UID = 65534  # the self-check runs the bundle as nobody, like a job user
 WHERE = "udiimage build"
 
@@ -84,8 +84,8 @@ def build(dest: str) -> None:
 
 
 def _ensure_openssh() -> None:
-    """Install Debian's OpenSSH if a binary is missing (a fresh node)."""
-    if all(os.path.exists(path) for path in (*BINARIES.values(), MODULI)):
+    """Install Debian's OpenSSH (and busybox for the check) if missing: a fresh node."""
+    if all(os.path.exists(path) for path in (*BINARIES.values(), MODULI, BUSYBOX)):
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends",
@@ -187,8 +187,8 @@ def _patch(executables: Sequence[Path], libs: Sequence[Path]) -> None:
             for path in executables]  # fmt: skip
     jobs += [[patchelf, "--set-rpath", rpath, str(path)] for path in libs]
     running = [(argv, subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)) for argv in jobs]
-    for argv, process in running:
-        _, err = process.communicate()
+    errors = [(argv, process.communicate()[1]) for argv, process in running]  # reap all first
+    for (argv, err), (_, process) in zip(errors, running, strict=True):
         if process.returncode != 0:
             raise node_error(WHERE, f"patchelf failed on {argv[-1]}", err.strip())
 
