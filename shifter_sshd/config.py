@@ -9,14 +9,15 @@ ignored (``udiMont=``) would put a container root somewhere nobody expects.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .errors import ShifterError, node_error, usage_error
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 DEFAULT_PATH = "/etc/shifter/udiRoot.conf"
 ENV_PATH = "SHIFTER_SSHD_CONFIG"
@@ -213,7 +214,7 @@ def _env_names(where: str, key: str, value: str) -> tuple[str, ...]:
 # --- the key table: file key -> (Config field, parser, repeatable) --------------------
 # Repeatable keys accumulate over several lines; a scalar given twice is an error.
 
-Parser = Callable[[str, str, str], Any]
+Parser: TypeAlias = "Callable[[str, str, str], Any]"
 
 KEYS: dict[str, tuple[str, Parser, bool]] = {
     "udiMount": ("udi_mount", _path, False),
@@ -344,6 +345,8 @@ def _module_key(
 
 
 def _suggest(key: str) -> str:
+    import difflib
+
     known = list(KEYS) + sorted(IGNORED_KEYS)
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not close:

@@ -15,16 +15,9 @@ pinned, so a job runs the image it was submitted with even if the name moves.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
-import tempfile
-import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -99,6 +92,17 @@ def parse_metadata_args(env: list[str], entrypoint: str | None, workdir: str | N
     return Metadata(env=merged, entrypoint=entrypoint, workdir=workdir)
 
 
+def _quote(tag: str) -> str:
+    """A tag as one file name: everything but [A-Za-z0-9_.-] percent-encoded."""
+    return "".join(
+        c if c.isascii() and (c.isalnum() or c in "_.-") else f"%{ord(c):02X}" for c in tag
+    )
+
+
+def _unquote(name: str) -> str:
+    return re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), name)
+
+
 class Store:
     """The image store of one ``imagePath``."""
 
@@ -146,7 +150,7 @@ class Store:
             return
         for image_type in sorted(os.listdir(self.names)):
             for encoded in sorted(os.listdir(os.path.join(self.names, image_type))):
-                name = f"{image_type}:{urllib.parse.unquote(encoded)}"
+                name = f"{image_type}:{_unquote(encoded)}"
                 try:
                     yield name, self.lookup(name)
                 except ShifterError:
@@ -155,6 +159,8 @@ class Store:
     # --- writing: admin only ---------------------------------------------------------
 
     def import_image(self, source: str, name: str, metadata: Metadata) -> Record:
+        import tempfile
+
         parsed = parse_name(name, self.default_type)
         if not os.path.exists(source):
             raise usage_error("image import", "source not found", source)
@@ -181,6 +187,8 @@ class Store:
 
     def _commit(self, partial: str, image_id: str, metadata: Metadata, source: str) -> None:
         final = os.path.join(self.data, f"{image_id}.sqsh")
+        import time
+
         meta = {
             "id": image_id,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -193,7 +201,7 @@ class Store:
         _write_atomic(os.path.join(self.data, f"{image_id}.json"), json.dumps(meta, indent=1))
 
     def _name_path(self, name: ImageName) -> str:
-        return os.path.join(self.names, name.type, urllib.parse.quote(name.tag, safe=""))
+        return os.path.join(self.names, name.type, _quote(name.tag))
 
     def _make_dirs(self) -> None:
         for path in (self.root, self.data, self.names, *(
@@ -206,11 +214,15 @@ class Store:
 
 
 class _Lock:
+    """An exclusive flock on the store while names and data change."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = -1
 
     def __enter__(self) -> None:
+        import fcntl
+
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
 
@@ -220,6 +232,8 @@ class _Lock:
 
 def _to_squashfs(source: str, output: str) -> None:
     """Turn a directory, a tar archive or a squashfs file into a squashfs file."""
+    import shutil
+
     if os.path.isdir(source):
         _run(["mksquashfs", source, output, "-noappend", "-comp", "zstd", "-quiet",
               "-no-progress", "-mkfs-time", "0", "-reproducible"], source)  # fmt: skip
@@ -239,6 +253,8 @@ def _to_squashfs(source: str, output: str) -> None:
 
 
 def _run(argv: list[str], source: str, stdin: object = None) -> None:
+    import subprocess
+
     try:
         subprocess.run(argv, check=True, capture_output=True, stdin=stdin)  # type: ignore[call-overload]
     except subprocess.CalledProcessError as err:
@@ -249,11 +265,15 @@ def _run(argv: list[str], source: str, stdin: object = None) -> None:
 
 def _image_id(squashfs_digest: str, metadata: Metadata) -> str:
     """The id covers the files and the metadata: same tree, other env, other image."""
+    import hashlib
+
     canonical = json.dumps(dataclasses.asdict(metadata), sort_keys=True)
     return hashlib.sha256(f"{squashfs_digest}\n{canonical}".encode()).hexdigest()
 
 
 def _sha256(path: str) -> str:
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -262,6 +282,8 @@ def _sha256(path: str) -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
