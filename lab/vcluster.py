@@ -110,6 +110,11 @@ class Cluster:
         return self._layout
 
     @property
+    def index(self) -> int:
+        """The cluster's slot: its directory vc<index>, bridge sslab<index>, subnet."""
+        return int(self.layout.subnet.rsplit(".", 1)[1])
+
+    @property
     def root(self) -> str:
         return self.layout.root
 
@@ -127,7 +132,7 @@ class Cluster:
         return self.layout.out_dir
 
     def _write_files(self, layout: Layout) -> None:
-        for sub in ("munge", CTL_NAME, *layout.node_names):
+        for sub in ("munge", CTL_NAME, *(f"{node}/spool" for node in layout.node_names)):
             os.makedirs(layout.path(sub), mode=0o755, exist_ok=True)
         os.makedirs(layout.out_dir, exist_ok=True)
         os.chmod(layout.out_dir, 0o1777)  # job scripts and output, written as the users

@@ -9,6 +9,7 @@ is tested on its own.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -228,6 +229,7 @@ def lab_traces(root: str, index: int) -> list[str]:
     traces += [f"link {n}" for n in lab_links() if n.startswith(f"sslab{index}")]
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     traces += [f"netns {n}" for n in netns.split() if n.startswith("sslab")]
+    traces += [f"cgroup {path}" for path in glob.glob("/sys/fs/cgroup/*/*slurm*")]
     if os.path.exists(root):
         traces.append(f"directory {root}")
     return traces
@@ -235,7 +237,7 @@ def lab_traces(root: str, index: int) -> list[str]:
 
 def test_down_leaves_nothing_even_with_a_running_job() -> None:
     cluster = Cluster(nodes=2, private_dirs=SHIFTER_PRIVATE_DIRS).up()
-    root, index = cluster.root, int(cluster.layout.subnet.rsplit(".", 1)[1])
+    root, index = cluster.root, cluster.index
     job = cluster.sbatch(USER, "#!/bin/sh\nsrun sleep 300\n", ["-N2"])
     deadline = time.monotonic() + 10
     while cluster.job(job)["JobState"] != "RUNNING" and time.monotonic() < deadline:
