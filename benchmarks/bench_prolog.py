@@ -27,9 +27,10 @@ GROUPS = {
     "image mount": ("image mount",),
     "/etc": ("etc",),
     "binds": ("image tree", "overlays", "udiImage", "siteFs", "user volumes"),
+    "ssh keys, files, sshd": ("ssh keys", "ssh files", "sshd"),
     "/dev, devpts, proc, sys": ("system",),
     "hostsfile": ("hostsfile",),
-    "state, dirs, checks": ("image", "user", "volumes", "leftovers", "mount points", "scratch",
+    "state, dirs, checks": ("image", "user", "request", "leftovers", "mount points", "scratch",
                             "root", "finish"),
 }  # fmt: skip
 

@@ -15,14 +15,18 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from . import etc, hostsfile, image, log, rootfs, teardown, users, volumes
+from . import environment, etc, hostsfile, image, log, rootfs, teardown, users, volumes
 from . import job as job_mod
-from .config import Config, SiteMount
+from .config import Config, Module, SiteMount
 from .errors import EXIT_NODE, EXIT_OK, Kind, ShifterError, node_error
 from .mounts import Mounter
 from .rootpath import Root
 from .state import JobState, StateStore
+
+if TYPE_CHECKING:
+    from . import keys
 
 
 @dataclass
@@ -37,6 +41,10 @@ class Setup:
     image: image.Record | None = None
     user: users.User | None = None
     volumes: list[SiteMount] = field(default_factory=list)
+    modules: list[Module] = field(default_factory=list)
+    allocation: list[tuple[str, int]] = field(default_factory=list)
+    key_set: keys.NodeKeySet | None = None
+    ssh_etc: str = ""
     image_dir: str = ""
     root: Root | None = None
     timings: list[tuple[str, float]] = field(default_factory=list)
@@ -56,8 +64,12 @@ def step_user(s: Setup) -> None:
     s.state.user, s.state.uid = s.user.name, s.user.uid
 
 
-def step_volumes(s: Setup) -> None:
+def step_request(s: Setup) -> None:
+    """Everything the user asked for is checked before anything is mounted."""
     s.volumes = volumes.parse_volumes(s.job.volumes)
+    s.modules = environment.modules(s.config, s.job.modules)
+    job = s.job
+    s.allocation = hostsfile.slots(job.node_list, job.cpus_per_node, job.node_name)
 
 
 def step_leftovers(s: Setup) -> None:
@@ -110,7 +122,8 @@ def step_udiimage(s: Setup) -> None:
 
 def step_site_fs(s: Setup) -> None:
     assert s.root is not None
-    volumes.mount_site_fs(s.mounter, s.root, s.config)
+    site_fs = [*s.config.site_fs, *(m for module in s.modules for m in module.site_fs)]
+    volumes.mount_site_fs(s.mounter, s.root, site_fs)
 
 
 def step_user_volumes(s: Setup) -> None:
@@ -120,8 +133,44 @@ def step_user_volumes(s: Setup) -> None:
 
 def step_hostsfile(s: Setup) -> None:
     assert s.root is not None
-    job = s.job
-    hostsfile.write(s.root, hostsfile.slots(job.node_list, job.cpus_per_node, job.node_name))
+    hostsfile.write(s.root, s.allocation)
+
+
+def _sshd_wanted(s: Setup) -> bool:
+    return s.config.enable_sshd
+
+
+def step_ssh_keys(s: Setup) -> None:
+    if _sshd_wanted(s):
+        from . import sshfiles
+
+        assert s.user is not None
+        s.key_set = sshfiles.derive(s.config, s.job, s.user, None)
+
+
+def step_ssh_files(s: Setup) -> None:
+    if s.key_set is None:
+        return
+    from . import sshfiles
+
+    assert s.root is not None and s.user is not None and s.image is not None
+    env = environment.container_env(s.config, s.image.metadata.env, s.modules)
+    hosts = [node for node, _tasks in s.allocation]
+    s.ssh_etc = sshfiles.write_etc(s.state.scratch, s.config, s.user, s.key_set, hosts, env)
+    sshfiles.install(s.mounter, s.root, s.ssh_etc, s.user, s.key_set)
+
+
+def step_sshd(s: Setup) -> None:
+    if s.key_set is None:
+        return
+    from . import sshd, sshfiles
+
+    assert s.root is not None and s.user is not None
+    pid = sshd.start(s.state.root, s.user, sshfiles.SSHD_LOG)
+    s.state.sshd_pid, s.state.sshd_start_time = pid, sshd.start_time(pid)
+    s.store.save(s.state)
+    log_path = os.path.join(s.state.root, sshfiles.SSHD_LOG.lstrip("/"))
+    sshd.wait_ready(pid, s.config.sshd_port, log_path)
 
 
 def step_finish(s: Setup) -> None:
@@ -133,7 +182,7 @@ def step_finish(s: Setup) -> None:
 STEPS: list[tuple[str, Callable[[Setup], None]]] = [
     ("image", step_image),
     ("user", step_user),
-    ("volumes", step_volumes),
+    ("request", step_request),
     ("leftovers", step_leftovers),
     ("mount points", step_mount_points),
     ("scratch", step_scratch),
@@ -147,6 +196,9 @@ STEPS: list[tuple[str, Callable[[Setup], None]]] = [
     ("siteFs", step_site_fs),
     ("user volumes", step_user_volumes),
     ("hostsfile", step_hostsfile),
+    ("ssh keys", step_ssh_keys),
+    ("ssh files", step_ssh_files),
+    ("sshd", step_sshd),
     ("finish", step_finish),
 ]
 

@@ -21,6 +21,10 @@ def teardown(config: Config, store: StateStore, job_id: str) -> bool:
     """Undo everything for ``job_id``; True when nothing is left behind."""
     root, scratch = job_dirs(config, job_id)
     state = store.load(job_id) or JobState(job_id=job_id, root=root, scratch=scratch)
+    if state.sshd_pid:
+        from . import sshd
+
+        sshd.stop(state.sshd_pid, state.sshd_start_time)
     killed = kill_processes(root, config.kill_grace)
     if killed:
         log.info(f"teardown: job {job_id}: killed {len(killed)} container process(es): "

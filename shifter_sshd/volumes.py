@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 
-from .config import Config, SiteMount, parse_mount_spec
+from .config import SiteMount, parse_mount_spec
 from .errors import ShifterError, node_error, user_error
 from .mounts import Mounter
 from .rootpath import Root
@@ -54,8 +54,8 @@ def check_destination(dest: str) -> None:
             raise user_error("--volume", f"destination may not cover {protected}", dest)
 
 
-def mount_site_fs(m: Mounter, root: Root, config: Config) -> None:
-    for mount in config.site_fs:
+def mount_site_fs(m: Mounter, root: Root, site_fs: list[SiteMount]) -> None:
+    for mount in site_fs:
         if not os.path.exists(mount.source):
             raise node_error("siteFs", "source does not exist on this node", mount.source)
         target = _destination(root, mount.dest, os.path.isdir(mount.source), "siteFs")
