@@ -7,6 +7,7 @@ the list is compressed (``node[1-3]``); a plain list is split by hand.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from .errors import user_error
 from .job import expand_cpus_per_node
@@ -40,5 +41,28 @@ def render_hostsfile(allocation: list[tuple[str, int]]) -> str:
     return "".join(f"{node}\n" * count for node, count in allocation)
 
 
+def _openmpi(allocation: list[tuple[str, int]]) -> str:
+    return "".join(f"{node} slots={tasks}\n" for node, tasks in allocation)
+
+
+def _mpich(allocation: list[tuple[str, int]]) -> str:
+    return "".join(f"{node}:{tasks}\n" for node, tasks in allocation)
+
+
+def _nodes(allocation: list[tuple[str, int]]) -> str:
+    return "".join(f"{node}\n" for node, _tasks in allocation)
+
+
+FILES: dict[str, Callable[[list[tuple[str, int]]], str]] = {
+    "/var/hostsfile": render_hostsfile,
+    "/var/hostsfile.openmpi": _openmpi,
+    "/var/hostsfile.mpich": _mpich,
+    "/var/nodesfile": _nodes,
+}
+
+
 def write(root: Root, allocation: list[tuple[str, int]]) -> None:
-    root.write("/var/hostsfile", render_hostsfile(allocation))
+    """One line per task (Shifter), ``host slots=N`` (Open MPI), ``host:N`` (MPICH),
+    and one line per node."""
+    for path, render in FILES.items():
+        root.write(path, render(allocation))

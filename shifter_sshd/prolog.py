@@ -179,6 +179,20 @@ def step_finish(s: Setup) -> None:
     s.store.save(s.state)
 
 
+def step_publish(s: Setup) -> None:
+    """Tell the user's ``shifter`` command where the container is and what it holds."""
+    assert s.image is not None and s.user is not None
+    meta = s.image.metadata
+    s.store.publish(s.job.job_id, {
+        "job_id": s.job.job_id, "root": s.state.root, "uid": s.user.uid,
+        "image": s.job.image or "", "image_id": s.image.id,
+        "volumes": s.job.volumes, "modules": list(s.job.modules),
+        "env": environment.container_env(s.config, meta.env, s.modules),
+        "workdir": meta.workdir, "entrypoint": meta.entrypoint,
+        "sshd_port": s.config.sshd_port if s.key_set is not None else 0,
+    })  # fmt: skip
+
+
 STEPS: list[tuple[str, Callable[[Setup], None]]] = [
     ("image", step_image),
     ("user", step_user),
@@ -200,6 +214,7 @@ STEPS: list[tuple[str, Callable[[Setup], None]]] = [
     ("ssh files", step_ssh_files),
     ("sshd", step_sshd),
     ("finish", step_finish),
+    ("publish", step_publish),
 ]
 
 # Tests make any step fail or die: SHIFTER_SSHD_FAULT=<raise|kill>:<step name>.

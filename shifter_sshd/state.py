@@ -52,6 +52,17 @@ class StateStore:
         """Where the prolog leaves a user's error for the SPANK plugin to print."""
         return os.path.join(self.directory, f"{job_id}.error")
 
+    def container_path(self, job_id: str) -> str:
+        """World-readable description of a ready container, for the ``shifter`` command."""
+        return os.path.join(self.directory, f"{job_id}.container")
+
+    def publish(self, job_id: str, description: dict[str, object]) -> None:
+        path = self.container_path(job_id)
+        with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
+            json.dump(description, handle)
+        os.chmod(f"{path}.tmp", 0o644)
+        os.rename(f"{path}.tmp", path)
+
     def save(self, state: JobState) -> None:
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
         path = self.path(state.job_id)
@@ -76,7 +87,8 @@ class StateStore:
         return JobState(**raw)
 
     def remove(self, job_id: str) -> None:
-        for path in (self.path(job_id), f"{self.path(job_id)}.tmp"):
+        paths = (self.path(job_id), f"{self.path(job_id)}.tmp", self.container_path(job_id))
+        for path in paths:
             try:
                 os.unlink(path)
             except FileNotFoundError:
