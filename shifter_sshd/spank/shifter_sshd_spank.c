@@ -328,6 +328,9 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	}
 	if (spank_getenv(sp, "SLURM_SPANK_SHIFTER_IMAGE_ID", buf, sizeof(buf)) == ESPANK_SUCCESS)
 		spank_setenv(sp, "SHIFTER_IMAGE_ID", buf, 1);
+	/* `shifter` in the tasks reads the same udiRoot.conf as the Prolog. */
+	if (arg_config && spank_getenv(sp, "SHIFTER_IMAGE_ID", buf, sizeof(buf)) == ESPANK_SUCCESS)
+		spank_setenv(sp, "SHIFTER_SSHD_CONFIG", arg_config, 0);
 	return 0;
 }
 

@@ -1,0 +1,106 @@
+"""A complete shifter-sshd site for the virtual cluster, as an admin would set it up.
+
+udiRoot.conf, the image store with the test images, the OpenSSH bundle, the site
+secret, the SPANK plugin, and the Prolog/Epilog wrappers slurm.conf points at
+(``Prolog=`` takes no arguments, so each is a two-line script). Everything lives in
+one directory that the test users can read, removed by ``close()``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shifter_sshd import spank
+
+from . import VENV, images
+from .vcluster import SHIFTER_PRIVATE_DIRS, Cluster
+
+SHIFTER_SSHD = os.path.join(VENV, "bin", "shifter-sshd")
+STATE = "/run/shifter-sshd"
+BUSYBOX = "docker:busybox:lab"
+OPENMPI = "docker:debian:openmpi"
+MPICH = "docker:debian:mpich"
+
+
+@dataclass
+class Site:
+    directory: str
+    config: str
+    plugin: str = ""
+    image_ids: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def plugstack(self) -> str:
+        return (f"required {self.plugin} shifter_sshd={SHIFTER_SSHD} config={self.config} "
+                f"state_path={STATE}")  # fmt: skip
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([SHIFTER_SSHD, "--config", self.config, *args],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+
+    def import_image(self, source: str, name: str) -> str:
+        done = self.cli("image", "import", source, name)
+        if done.returncode != 0:
+            raise RuntimeError(f"image import {name}: {done.stderr}")
+        self.image_ids[name] = done.stdout.strip()
+        subprocess.run(["chmod", "-R", "a+rX", f"{self.directory}/images"], check=True)
+        return self.image_ids[name]
+
+    def cluster(self, nodes: int = 3) -> Cluster:
+        """A cluster (not yet up) running this site's prolog, epilog and plugin."""
+        return Cluster(
+            nodes=nodes,
+            prolog=f"{self.directory}/prolog.sh",
+            epilog=f"{self.directory}/epilog.sh",
+            plugstack=[self.plugstack],
+            private_dirs=SHIFTER_PRIVATE_DIRS,
+        )
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _write(path: str, text: str, mode: int) -> None:
+    Path(path).write_text(text)
+    os.chmod(path, mode)
+
+
+def make_site(with_mpich: bool = True) -> Site:
+    """Build the site: bundle, secret, plugin, wrappers, images. About two seconds."""
+    directory = tempfile.mkdtemp(prefix="shifter-sshd-site-", dir="/var/tmp")
+    os.chmod(directory, 0o755)  # users' sbatch reads the config and the image store
+    config = f"{directory}/udiRoot.conf"
+    site = Site(directory, config)
+    try:
+        _write(config, (
+            f"imagePath={directory}/images\n"
+            f"optUdiImage={directory}/udiImage\n"
+            f"sshKeySecret={directory}/ssh_key_secret\n"
+            f"statePath={STATE}\n"
+            "siteEnv=SHIFTER_SITE=lab\n"
+            "siteFs=/home:/home\n"
+            "killGrace=2\n"
+        ), 0o644)  # fmt: skip
+        for what in (["udiimage", "build"], ["secret", "init"]):
+            done = site.cli(*what)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(what)}: {done.stderr}")
+        for context in ("prolog", "epilog"):
+            _write(f"{directory}/{context}.sh",
+                   f"#!/bin/sh\nexec {VENV}/bin/shifter-sshd-{context} --config {config}\n",
+                   0o755)  # fmt: skip
+        site.plugin = spank.build(f"{directory}/shifter_sshd_spank.so")
+        tree = images.busybox_tree(f"{directory}/busybox-tree")
+        site.import_image(str(tree), BUSYBOX)
+        site.import_image(str(images.debian_squashfs("openmpi")), OPENMPI)
+        if with_mpich:
+            site.import_image(str(images.debian_squashfs("mpich")), MPICH)
+    except BaseException:
+        site.close()
+        raise
+    return site

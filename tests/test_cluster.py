@@ -1,0 +1,173 @@
+"""The whole thing on a real 3-node Slurm cluster: --image, prolog/epilog, shifter,
+ssh and mpirun across nodes, as unprivileged users. One cluster for the module."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from lab.site import BUSYBOX, MPICH, OPENMPI, STATE, Site, make_site
+from lab.vcluster import Cluster
+
+DEBIAN = "Debian GNU/Linux 12 (bookworm)"
+USER, OTHER = "sstest1", "sstest2"
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    built = make_site(with_mpich=True)
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(site: Site) -> Iterator[Cluster]:
+    with site.cluster(nodes=3) as up:
+        yield up
+
+
+def leftovers(cluster: Cluster) -> dict[str, str]:
+    """Per node: container mounts, sshd or container processes, state files."""
+    found = {}
+    for node in cluster.nodes:
+        script = (
+            "grep -E ' /var/udi(Mount|LoopMount)/[0-9]' /proc/self/mountinfo; "
+            f"ls -A {STATE}; pgrep -a sshd; "
+            "for p in /proc/[0-9]*; do readlink $p/root; done | grep /var/udiMount"
+        )
+        out = cluster.run(node, ["sh", "-c", script], check=False).stdout.strip()
+        if out:
+            found[node] = out
+    return found
+
+
+def run_job(cluster: Cluster, script: str, args: list[str], user: str = USER) -> tuple[str, str]:
+    job = cluster.sbatch(user, "#!/bin/sh\n" + script, args)
+    state = cluster.wait(job, timeout=180)
+    output = cluster.output(job)
+    assert leftovers(cluster) == {}, output
+    assert set(cluster.sinfo_states().values()) == {"idle"}
+    return state, output
+
+
+def test_openmpi_job_across_three_nodes(cluster: Cluster) -> None:
+    script = """
+shifter /bin/sh -c '
+ssh node2 cat /etc/os-release
+echo "node3 says: $(ssh node3 hostname)"
+ssh -tt node2 tty
+cat /var/hostsfile
+mpirun -np 6 /usr/local/bin/mpi_hello
+'
+"""
+    state, output = run_job(
+        cluster, script, ["-N3", "--exclusive", "--ntasks-per-node=2", f"--image={OPENMPI}"]
+    )
+    assert state == "COMPLETED", output
+    assert f'PRETTY_NAME="{DEBIAN}"' in output
+    assert "node3 says: node3" in output
+    assert re.search(r"^/dev/pts/\d+\s*$", output, re.M), output
+    ranks = re.findall(r"^rank (\d) of 6 on (node\d): (.*)$", output, re.M)
+    assert sorted(int(r) for r, _h, _p in ranks) == list(range(6)), output
+    assert {host for _r, host, _p in ranks} == {"node1", "node2", "node3"}
+    assert {pretty.strip() for _r, _h, pretty in ranks} == {DEBIAN}
+
+
+def test_mpich_job(cluster: Cluster) -> None:
+    script = "shifter mpirun -np 6 /usr/local/bin/mpi_hello\n"
+    state, output = run_job(
+        cluster, script, ["-N3", "--exclusive", "--ntasks-per-node=2", f"--image={MPICH}"]
+    )
+    assert state == "COMPLETED", output
+    ranks = re.findall(r"^rank (\d) of 6 on (node\d): (.*)$", output, re.M)
+    assert len(ranks) == 6, output
+    assert {host for _r, host, _p in ranks} == {"node1", "node2", "node3"}
+    assert {pretty.strip() for _r, _h, pretty in ranks} == {DEBIAN}
+
+
+def test_busybox_image_has_no_ssh_but_ssh_works(cluster: Cluster) -> None:
+    script = "shifter /bin/sh -c 'ssh node2 cat /etc/os-release; ssh node3 hostname'\n"
+    state, output = run_job(cluster, script, ["-N3", "--exclusive", f"--image={BUSYBOX}"])
+    assert state == "COMPLETED", output
+    assert "BusyBox test root" in output
+    assert "node3" in output
+
+
+def test_salloc_then_srun_shifter(cluster: Cluster) -> None:
+    command = ["srun", "-N3", "shifter", "cat", "/etc/os-release"]
+    done = cluster.salloc(USER, ["-N3", f"--image={OPENMPI}"], command, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count(f'PRETTY_NAME="{DEBIAN}"') == 3
+    assert leftovers(cluster) == {}
+
+
+def test_other_users_and_later_jobs_are_refused(cluster: Cluster, site: Site) -> None:
+    """sstest2 on node3 cannot enter sstest1's containers on node1 and node2; a later
+    job of sstest1 on the same nodes refuses the earlier job's certificate."""
+    keep = "/home/sstest1/.job-identity"
+    first = cluster.sbatch(USER, f"""#!/bin/sh
+mkdir -p {keep} && cp /var/udiMount/$SLURM_JOB_ID/var/shifter/ssh/id_ed25519* {keep}/
+touch identity-ready-$SLURM_JOB_ID; sleep 30
+""", ["-N2", "-w", "node[1-2]", "--exclusive", f"--image={BUSYBOX}"])  # fmt: skip
+    try:
+        other = cluster.sbatch(OTHER, f"""#!/bin/sh
+while [ ! -e identity-ready-{first} ]; do sleep 0.2; done
+shifter ssh node1 echo SHOULD-NOT-GET-IN; echo "exit=$?"
+""", ["-N1", "-w", "node3", "--exclusive", f"--image={BUSYBOX}"])  # fmt: skip
+        assert cluster.wait(other, timeout=120) == "COMPLETED"
+        output = cluster.output(other)
+        assert "SHOULD-NOT-GET-IN" not in output
+        assert "exit=255" in output
+    finally:
+        cluster.client(["scancel", str(first)], check=False)
+        cluster.wait(first, timeout=60)
+    state, output = run_job(cluster, f"""
+R=/var/udiMount/$SLURM_JOB_ID
+/usr/bin/ssh -F /dev/null -i {keep}/id_ed25519 -o CertificateFile={keep}/id_ed25519-cert.pub \
+  -o UserKnownHostsFile=$R/opt/udiImage/etc/ssh_known_hosts -o StrictHostKeyChecking=yes \
+  -o BatchMode=yes -p 1204 node2 echo SHOULD-NOT-GET-IN
+echo "old identity exit=$?"
+shifter ssh node2 echo NEW-JOB-OK
+rm -rf {keep}
+""", ["-N2", "-w", "node[1-2]", "--exclusive", f"--image={BUSYBOX}"])  # fmt: skip
+    assert state == "COMPLETED", output
+    assert "SHOULD-NOT-GET-IN" not in output
+    assert "old identity exit=255" in output
+    assert "NEW-JOB-OK" in output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--image=docker:nosuch:1"],
+            "shifter-sshd: --image: image: no such image: docker:nosuch:1",
+        ),
+        ([f"--image={BUSYBOX}", "--volume=/data"], "expected /source:/destination[:ro]: /data"),
+    ],
+)
+def test_bad_submissions_fail_at_once(cluster: Cluster, args: list[str], message: str) -> None:
+    done = cluster.submit(USER, "#!/bin/sh\ntrue\n", ["-N1", *args])
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert set(cluster.sinfo_states().values()) == {"idle"}
+
+
+def test_image_removed_after_submission(cluster: Cluster, site: Site) -> None:
+    name = "docker:busybox:short-lived"
+    site.import_image(f"{site.directory}/busybox-tree", name)
+    job = cluster.sbatch(USER, "#!/bin/sh\necho SCRIPT-RAN\n",
+                         ["-N3", "--exclusive", "--hold", f"--image={name}"])  # fmt: skip
+    assert site.cli("image", "remove", name).returncode == 0
+    cluster.client(["scontrol", "release", str(job)])
+    state = cluster.wait(job, timeout=120)
+    output = cluster.output(job)
+    assert state == "FAILED", output
+    assert "image no longer in the store" in output
+    assert "SCRIPT-RAN" not in output
+    assert set(cluster.sinfo_states().values()) == {"idle"}
+    assert leftovers(cluster) == {}
