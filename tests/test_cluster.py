@@ -159,7 +159,9 @@ def test_bad_submissions_fail_at_once(cluster: Cluster, args: list[str], message
 
 def test_image_removed_after_submission(cluster: Cluster, site: Site) -> None:
     name = "docker:busybox:short-lived"
-    site.import_image(f"{site.directory}/busybox-tree", name)
+    # other metadata, so another image id: removing the name removes the data too
+    done = site.cli("image", "import", f"{site.directory}/busybox-tree", name, "--env", "ONLY=me")
+    assert done.returncode == 0, done.stderr
     job = cluster.sbatch(USER, "#!/bin/sh\necho SCRIPT-RAN\n",
                          ["-N3", "--exclusive", "--hold", f"--image={name}"])  # fmt: skip
     assert site.cli("image", "remove", name).returncode == 0
