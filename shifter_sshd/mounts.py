@@ -172,3 +172,54 @@ def _unmount_one(target: str, attempts: int, lazy: list[str]) -> None:
     except OSError as err:
         if err.errno not in (errno.EINVAL, errno.ENOENT):
             raise node_error("unmount", f"lazy detach failed ({err.strerror})", target) from None
+
+
+# --- copies in other mount namespaces ---------------------------------------------------
+
+
+def foreign_copies(areas: list[str]) -> dict[int, list[str]]:
+    """Mount namespaces other than ours that hold copies of the job's mounts.
+
+    A process that made a new mount namespace while the container was mounted (an
+    ``unshare -m``, another container runtime) keeps private copies of its mounts,
+    and with them the image's loop device. Returns one pid per such namespace with
+    the copied mount points there.
+    """
+    ours = os.readlink("/proc/self/ns/mnt")
+    seen = {ours}
+    found: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            namespace = os.readlink(f"/proc/{entry}/ns/mnt")
+            if namespace in seen:
+                continue
+            seen.add(namespace)
+            table = mountinfo(f"/proc/{entry}/mountinfo")
+        except OSError:
+            continue
+        copies = [e.target for area in areas for e in under(area, table)]
+        if copies:
+            found[int(entry)] = copies
+    return found
+
+
+def unmount_in(pid: int, targets: list[str]) -> bool:
+    """Detach ``targets`` inside ``pid``'s mount namespace (a forked child enters it)."""
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
+            sc.setns(fd, sc.CLONE_NEWNS)
+            for target in sorted(targets, key=lambda t: t.count("/"), reverse=True):
+                try:
+                    sc.umount(target, sc.UMOUNT_NOFOLLOW | sc.MNT_DETACH)
+                except OSError:
+                    pass
+            code = 0
+        finally:
+            os._exit(code)
+    _pid, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status) == 0

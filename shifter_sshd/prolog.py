@@ -10,14 +10,13 @@ non-zero prolog. A failed prolog undoes what it did before it exits.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import environment, etc, hostsfile, image, log, rootfs, teardown, users, volumes
+from . import environment, etc, faults, hostsfile, image, log, rootfs, teardown, users, volumes
 from . import job as job_mod
 from .config import Config, Module, SiteMount
 from .errors import EXIT_NODE, EXIT_OK, Kind, ShifterError, node_error
@@ -45,6 +44,7 @@ class Setup:
     allocation: list[tuple[str, int]] = field(default_factory=list)
     key_set: keys.NodeKeySet | None = None
     ssh_etc: str = ""
+    exclusive: bool = True  # until Slurm says otherwise (slurm.job_details)
     image_dir: str = ""
     root: Root | None = None
     timings: list[tuple[str, float]] = field(default_factory=list)
@@ -73,11 +73,26 @@ def step_request(s: Setup) -> None:
 
 
 def step_leftovers(s: Setup) -> None:
-    """A prolog run again for the same job (requeue, retry) starts from nothing."""
-    if s.store.load(s.job.job_id) is not None or os.path.exists(s.state.root):
-        log.info(f"prolog: job {s.job.job_id}: removing an earlier container of this job")
-        if not teardown.teardown(s.config, s.store, s.job.job_id):
-            raise node_error("prolog", "cannot remove an earlier container", s.state.root)
+    """A prolog run again for the same job (requeue, retry) starts from nothing, and an
+    exclusive job owns the node: any other job's container here is a dead job's."""
+    others = [] if not s.exclusive else [j for j in _jobs_on_node(s) if j != s.job.job_id]
+    for job_id in [s.job.job_id, *others]:
+        root, _scratch = rootfs.job_dirs(s.config, job_id)
+        if s.store.load(job_id) is None and not os.path.exists(root):
+            continue
+        log.info(f"prolog: job {s.job.job_id}: removing an earlier container of job {job_id}")
+        if not teardown.teardown(s.config, s.store, job_id):
+            raise node_error("prolog", "cannot remove an earlier container", root)
+
+
+def _jobs_on_node(s: Setup) -> list[str]:
+    found = set(s.store.job_ids())
+    for area in (s.config.udi_mount, s.config.loop_mount):
+        try:
+            found.update(name for name in os.listdir(area) if name.isdigit())
+        except FileNotFoundError:
+            pass
+    return sorted(found)
 
 
 def step_mount_points(s: Setup) -> None:
@@ -217,24 +232,10 @@ STEPS: list[tuple[str, Callable[[Setup], None]]] = [
     ("publish", step_publish),
 ]
 
-# Tests make any step fail or die: SHIFTER_SSHD_FAULT=<raise|kill>:<step name>.
-# slurmd passes users only SPANK_* variables, so a job cannot set this.
-FAULT_VARIABLE = "SHIFTER_SSHD_FAULT"
-
-
-def _inject_fault(name: str) -> None:
-    action, _sep, step = os.environ.get(FAULT_VARIABLE, "").partition(":")
-    if step != name:
-        return
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if action == "raise":
-        raise node_error("fault injection", "failing on purpose at step", name)
-
 
 def run_steps(s: Setup) -> None:
     for name, step in STEPS:
-        _inject_fault(name)
+        faults.inject(name)
         started = time.perf_counter()
         step(s)
         s.timings.append((name, time.perf_counter() - started))

@@ -74,6 +74,16 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> i
     return fd
 
 
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+
+
+def setns(fd: int, nstype: int) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"setns: {os.strerror(code)}")
+
+
 def fd_path(fd: int) -> str:
     """A path naming exactly what fd refers to, for mount(2) to act on."""
     return f"/proc/self/fd/{fd}"

@@ -8,32 +8,44 @@ a bind mount that failed to come off must not turn into deleted user data).
 from __future__ import annotations
 
 import os
-import signal
 import time
 
-from . import log, mounts
+from . import faults, log, mounts, processes
 from .config import Config
 from .rootfs import job_dirs
 from .state import JobState, StateStore
 
 
 def teardown(config: Config, store: StateStore, job_id: str) -> bool:
-    """Undo everything for ``job_id``; True when nothing is left behind."""
+    """Undo everything for ``job_id``; True when nothing is left behind.
+
+    Each step is safe to repeat, so an epilog killed anywhere is finished by the
+    next epilog or prolog.
+    """
     root, scratch = job_dirs(config, job_id)
     state = store.load(job_id) or JobState(job_id=job_id, root=root, scratch=scratch)
+    areas = (root, scratch)
+    faults.inject("stop sshd")
     if state.sshd_pid:
         from . import sshd
 
         sshd.stop(state.sshd_pid, state.sshd_start_time)
-    killed = kill_processes(root, config.kill_grace)
+    faults.inject("stop processes")
+    killed = processes.stop(root, areas, state.uid, job_id, config.kill_grace)
     if killed:
-        log.info(f"teardown: job {job_id}: killed {len(killed)} container process(es): "
-                 + ", ".join(f"{pid} ({name})" for pid, name in killed))  # fmt: skip
-    lazy = mounts.unmount_all(state, [root, scratch])
-    clean = not any(mounts.under(area) for area in (root, scratch))
-    for path in (root, scratch):
+        log.info(f"teardown: job {job_id}: stopped {len(killed)} process(es): "
+                 + ", ".join(f"{p.pid} ({p.name})" for p in killed))  # fmt: skip
+    faults.inject("unmount")
+    lazy = mounts.unmount_all(state, list(areas))
+    faults.inject("foreign mounts")
+    if _loop_attached(state):
+        _free_foreign_copies(job_id, list(areas))
+    clean = not any(mounts.under(area) for area in areas)
+    faults.inject("directories")
+    for path in areas:
         _rmdir(path)
     _check_loop(state)
+    faults.inject("state")
     if clean:
         store.remove(job_id)
         store.remove_error(job_id)
@@ -51,64 +63,32 @@ def _rmdir(path: str) -> None:
         log.warning(f"teardown: left in place ({err.strerror}): {path}")
 
 
-def container_pids(root: str) -> list[tuple[int, str]]:
-    """Processes whose root directory is the container (or inside it)."""
-    found = []
-    me = os.getpid()
-    prefix = root.rstrip("/") + "/"
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            proc_root = os.readlink(f"/proc/{name}/root")
-            if proc_root == root or proc_root.startswith(prefix):
-                with open(f"/proc/{name}/comm", encoding="utf-8") as handle:
-                    found.append((int(name), handle.read().strip()))
-        except OSError:
-            continue  # gone, or a kernel thread
-    return found
+def _free_foreign_copies(job_id: str, areas: list[str]) -> None:
+    """Copies of our mounts in other mount namespaces keep the loop device busy."""
+    for pid, targets in mounts.foreign_copies(areas).items():
+        log.info(f"teardown: job {job_id}: detaching {len(targets)} copied mount(s) in the "
+                 f"mount namespace of pid {pid}")  # fmt: skip
+        mounts.unmount_in(pid, targets)
 
 
-def kill_processes(root: str, grace: float) -> list[tuple[int, str]]:
-    """SIGTERM everything inside, SIGKILL what is left after ``grace``; wait until gone."""
-    victims = container_pids(root)
-    if not victims:
-        return []
-    _signal_all(victims, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while container_pids(root) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for _round in range(50):
-        left = container_pids(root)
-        if not left:
-            break
-        _signal_all(left, signal.SIGKILL)
-        time.sleep(0.02)
-    return victims
-
-
-def _signal_all(victims: list[tuple[int, str]], sig: int) -> None:
-    for pid, _name in victims:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+def _loop_attached(state: JobState) -> bool:
+    if not state.loop_device:
+        return False
+    backing = f"/sys/block/{os.path.basename(state.loop_device)}/loop/backing_file"
+    try:
+        with open(backing, encoding="utf-8") as handle:
+            return state.image_id in handle.read()
+    except FileNotFoundError:
+        return False
 
 
 def _check_loop(state: JobState) -> None:
     """The loop device frees itself with its last mount (autoclear); say if it has not."""
-    if not state.loop_device:
-        return
-    backing = f"/sys/block/{os.path.basename(state.loop_device)}/loop/backing_file"
     for _attempt in range(200):  # the kernel clears an autoclear device from a work queue
-        try:
-            with open(backing, encoding="utf-8") as handle:
-                if state.image_id not in handle.read():
-                    return  # already reused by another job's image
-        except FileNotFoundError:
+        if not _loop_attached(state):
             return
         time.sleep(0.01)
     log.warning(
-        f"teardown: job {state.job_id}: {state.loop_device} still attached: another mount "
-        "namespace still holds the image; it detaches itself when that namespace ends"
+        f"teardown: job {state.job_id}: {state.loop_device} still attached: something "
+        "outside the container still holds the image; it detaches itself when released"
     )

@@ -87,3 +87,19 @@ def user_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
+    dest = tmp_path_factory.mktemp("bundle") / "udiImage"
+    done = run([CLI, "udiimage", "build", "--dest", str(dest)], dict(os.environ), timeout=300)
+    assert done.returncode == 0, done.stderr
+    return str(dest)
+
+
+@pytest.fixture(scope="session")
+def secret_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = str(tmp_path_factory.mktemp("secret") / "ssh_key_secret")
+    done = run([CLI, "secret", "init", "--path", path], dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    return path

@@ -69,7 +69,10 @@ class Node:
         return run([CLI, "--config", self.config, "prolog"], env)
 
     def epilog(self, job_id: str) -> subprocess.CompletedProcess[str]:
-        return run([CLI, "--config", self.config, "epilog"], {"SLURM_JOB_ID": job_id})
+        return self.epilog_env(job_id)
+
+    def epilog_env(self, job_id: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return run([CLI, "--config", self.config, "epilog"], {"SLURM_JOB_ID": job_id, **extra})
 
     def leftovers(self) -> list[str]:
         """Everything a job could leave behind on this node: must be empty."""

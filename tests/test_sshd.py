@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BUSYBOX, DEBIAN
-from support import CLI, Node, in_root, run
+from support import Node, in_root
 
 from lab import VENV
 from lab.users import GROUP_GID, LabUser
@@ -79,22 +79,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
-    dest = tmp_path_factory.mktemp("bundle") / "udiImage"
-    done = run([CLI, "udiimage", "build", "--dest", str(dest)], dict(os.environ), timeout=300)
-    assert done.returncode == 0, done.stderr
-    return str(dest)
-
-
-@pytest.fixture(scope="session")
-def secret_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = str(tmp_path_factory.mktemp("secret") / "ssh_key_secret")
-    done = run([CLI, "secret", "init", "--path", path], dict(os.environ))
-    assert done.returncode == 0, done.stderr
-    return path
 
 
 def _node_name() -> str:

@@ -1,0 +1,28 @@
+"""Fault injection for the tests: make any prolog or teardown step fail or die.
+
+``SHIFTER_SSHD_FAULT=<raise|kill>:<step name>``. slurmd passes a job's user only
+SPANK_* variables, so no job can set this; it exists for the fault-injection suite,
+which kills the prolog and epilog at every step and checks the next run cleans up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from .errors import node_error
+
+VARIABLE = "SHIFTER_SSHD_FAULT"
+
+
+def inject(step: str) -> None:
+    setting = os.environ.get(VARIABLE)
+    if not setting:
+        return
+    action, _sep, name = setting.partition(":")
+    if name != step:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "raise":
+        raise node_error("fault injection", "failing on purpose at step", step)

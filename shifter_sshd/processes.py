@@ -1,0 +1,114 @@
+"""Finding and stopping everything a job left running in or against its container.
+
+A process belongs to the container when its root directory is the container root
+(ssh sessions, orted, anything started through sshd or shifter, however it
+detached: setsid, nohup, double fork), or when it runs as the job user with its
+working directory inside the container's mounts, or sits in the job's cgroup where
+Slurm made one. Pids are matched with their start time so a recycled pid is spared.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    start: int  # clock ticks since boot, field 22 of /proc/<pid>/stat
+    name: str
+
+
+def _stat(pid: int) -> tuple[int, str, str] | None:
+    """(start time, command name, state) or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    name = raw[raw.find("(") + 1 : raw.rfind(")")]
+    fields = raw[raw.rfind(")") + 2 :].split()
+    return int(fields[19]), name, fields[0]
+
+
+def _under(path: str, areas: tuple[str, ...]) -> bool:
+    return any(path == area or path.startswith(area.rstrip("/") + "/") for area in areas)
+
+
+def _job_cgroup_pids(job_id: str) -> set[int]:
+    """Pids in the job's cgroup (cgroup v1 or v2), where Slurm's plugins made one."""
+    patterns = (
+        f"/sys/fs/cgroup/*/slurm*/uid_*/job_{job_id}/**/cgroup.procs",
+        f"/sys/fs/cgroup/system.slice/**/job_{job_id}/**/cgroup.procs",
+    )
+    pids: set[int] = set()
+    for pattern in patterns:
+        for path in glob.glob(pattern, recursive=True):
+            try:
+                with open(path, encoding="ascii") as handle:
+                    pids.update(int(line) for line in handle if line.strip())
+            except (OSError, ValueError):
+                continue
+    return pids
+
+
+def find(root: str, areas: tuple[str, ...], uid: int, job_id: str) -> list[Proc]:
+    """Processes to stop for this job: see the module's docstring."""
+    me = os.getpid()
+    cgroup = _job_cgroup_pids(job_id) if uid >= 0 else set()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        pid = int(entry)
+        if not _belongs(pid, root, areas, uid, cgroup):
+            continue
+        stat = _stat(pid)
+        if stat is not None and stat[2] != "Z":
+            found.append(Proc(pid, stat[0], stat[1]))
+    return found
+
+
+def _belongs(pid: int, root: str, areas: tuple[str, ...], uid: int, cgroup: set[int]) -> bool:
+    try:
+        if _under(os.readlink(f"/proc/{pid}/root"), (root,)):
+            return True
+        if uid < 0 or os.stat(f"/proc/{pid}").st_uid != uid:
+            return False
+        return pid in cgroup or _under(os.readlink(f"/proc/{pid}/cwd"), areas)
+    except OSError:
+        return False  # gone, or a kernel thread
+
+
+def _signal(procs: list[Proc], sig: int) -> None:
+    for proc in procs:
+        stat = _stat(proc.pid)
+        if stat is None or stat[0] != proc.start:
+            continue  # gone; or the pid now names another process
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop(root: str, areas: tuple[str, ...], uid: int, job_id: str, grace: float) -> list[Proc]:
+    """SIGTERM, ``grace`` seconds, SIGKILL; returns once they are all gone (zombies count
+    as gone: they hold no mount)."""
+    victims = find(root, areas, uid, job_id)
+    if not victims:
+        return []
+    _signal(victims, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and find(root, areas, uid, job_id):
+        time.sleep(0.02)
+    for _round in range(100):
+        left = find(root, areas, uid, job_id)
+        if not left:
+            break
+        _signal(left, signal.SIGKILL)
+        time.sleep(0.02)
+    return victims
