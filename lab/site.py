@@ -82,7 +82,10 @@ def make_site(with_mpich: bool = True) -> Site:
             f"optUdiImage={directory}/udiImage\n"
             f"sshKeySecret={directory}/ssh_key_secret\n"
             f"statePath={STATE}\n"
-            "siteEnv=SHIFTER_SITE=lab\n"
+            # All virtual nodes share one kernel, hence one boot id: UCX (MPICH's
+            # transport) then takes ranks on other nodes for local ones and tries
+            # System V shared memory across their IPC namespaces. Real nodes differ.
+            "siteEnv=SHIFTER_SITE=lab UCX_TLS=^sysv\n"
             "siteFs=/home:/home\n"
             "killGrace=2\n"
         ), 0o644)  # fmt: skip

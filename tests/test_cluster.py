@@ -4,6 +4,7 @@ ssh and mpirun across nodes, as unprivileged users. One cluster for the module."
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -43,6 +44,16 @@ def leftovers(cluster: Cluster) -> dict[str, str]:
         if out:
             found[node] = out
     return found
+
+
+def settled(cluster: Cluster, timeout: float = 30) -> dict[str, str]:
+    """Leftovers once every node is idle again (salloc returns before the epilogs run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if set(cluster.sinfo_states().values()) == {"idle"} and not leftovers(cluster):
+            break
+        time.sleep(0.2)
+    return leftovers(cluster)
 
 
 def run_job(cluster: Cluster, script: str, args: list[str], user: str = USER) -> tuple[str, str]:
@@ -102,7 +113,7 @@ def test_salloc_then_srun_shifter(cluster: Cluster) -> None:
     done = cluster.salloc(USER, ["-N3", f"--image={OPENMPI}"], command, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count(f'PRETTY_NAME="{DEBIAN}"') == 3
-    assert leftovers(cluster) == {}
+    assert settled(cluster) == {}
 
 
 def test_other_users_and_later_jobs_are_refused(cluster: Cluster, site: Site) -> None:
