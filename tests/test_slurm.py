@@ -1,0 +1,234 @@
+"""shifter_sshd.slurm against a real Slurm 22.05 cluster, and node lists against Slurm's.
+
+A stand-in Prolog runs ``slurm.query`` exactly as the real prolog would (as root, from
+slurmd, with no PATH) and leaves the answer in a node-private directory; each test
+then compares it with what Slurm itself tells the job (SLURM_TASKS_PER_NODE of the
+batch step, the time limit, scontrol's OverSubscribe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lab import VENV
+from lab.vcluster import Cluster
+from shifter_sshd import slurm
+from shifter_sshd.errors import ShifterError
+from shifter_sshd.hostsfile import expand_nodelist
+from shifter_sshd.job import expand_cpus_per_node
+
+USER = "sstest1"
+PYTHON = os.path.join(VENV, "bin", "python")
+PRIVATE = "/run/shifter-sshd-slurmtest"  # a tmpfs of its own on every node
+RECORD = (
+    "import dataclasses, json, os, sys, time\n"
+    "from shifter_sshd import slurm\n"
+    "start = time.monotonic()\n"
+    "try:\n"
+    "    found = dataclasses.asdict(slurm.query(os.environ, 5.0))\n"
+    "except Exception as err:\n"
+    "    found = {'error': str(err)}\n"
+    "found.update(now=int(time.time()), seconds=time.monotonic() - start,\n"
+    "             cpus=os.environ.get('SLURM_JOB_CPUS_PER_NODE'), path=os.environ.get('PATH'))\n"
+    "print(json.dumps(found))\n"
+)
+# slurmd gives the Prolog no PATH: absolute paths only, as in the real one.
+PROLOG = f"""#!/bin/sh
+{PYTHON} -c "$(/bin/cat {{record}})" > {PRIVATE}/details.$SLURM_JOB_ID 2>&1
+exit 0
+"""
+SHOW_TASKS = "#!/bin/sh\necho $SLURM_TASKS_PER_NODE\n"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    if not os.access(PYTHON, os.X_OK):
+        pytest.fail(f"{PYTHON} is missing: run make setup")
+    directory = tempfile.mkdtemp(prefix="shifter-sshd-slurmtest-")
+    os.chmod(directory, 0o755)
+    try:
+        record = os.path.join(directory, "record.py")
+        with open(record, "w") as f:
+            f.write(RECORD)
+        prolog = os.path.join(directory, "prolog.sh")
+        with open(prolog, "w") as f:
+            f.write(PROLOG.format(record=record))
+        os.chmod(prolog, 0o755)
+        with Cluster(nodes=3, prolog=prolog, private_dirs=[PRIVATE]) as up:
+            up.client(["scontrol", "create", "PartitionName=whole", "Nodes=ALL",
+                       "OverSubscribe=EXCLUSIVE", "MaxTime=INFINITE"])  # fmt: skip
+            yield up
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_job(cluster: Cluster, args: list[str]) -> tuple[dict[str, object], list[int], int]:
+    """Run a job; what the prolog's query found on each node must agree; return it,
+    Slurm's own tasks per node for the batch step, and the job id."""
+    job = cluster.sbatch(USER, SHOW_TASKS, args)
+    assert cluster.wait(job) == "COMPLETED", cluster.output(job)
+    nodes = expand_nodelist(cluster.job(job)["NodeList"])
+    found = []
+    for node in nodes:
+        text = cluster.run(node, ["cat", f"{PRIVATE}/details.{job}"]).stdout
+        found.append(json.loads(text))
+    first = found[0]
+    assert "error" not in first, first
+    assert first["path"] is None  # really run the way slurmd runs a Prolog
+    assert first["seconds"] < 2, first
+    keys = ("tasks_per_node", "end_time", "exclusive", "source")
+    assert all({k: f[k] for k in keys} == {k: first[k] for k in keys} for f in found), found
+    slurm_tasks = expand_cpus_per_node(cluster.output(job).strip(), len(nodes))
+    return first, slurm_tasks, job
+
+
+def test_exclusive_job_with_tasks_per_node_and_time_limit(cluster: Cluster) -> None:
+    found, slurm_tasks, job = run_job(
+        cluster, ["-N3", "--exclusive", "--ntasks-per-node=2", "--time=7"]
+    )
+    assert found["tasks_per_node"] == [2, 2, 2] == slurm_tasks
+    assert found["exclusive"] is True
+    assert found["source"] == "squeue"
+    assert isinstance(found["end_time"], int) and isinstance(found["now"], int)
+    assert abs(found["end_time"] - (found["now"] + 7 * 60)) <= 5
+    assert cluster.job(job)["OverSubscribe"] == "NO"
+
+
+@pytest.mark.parametrize(
+    ("args", "oversubscribe"),
+    [
+        (["-N3", "-n5"], "OK"),
+        (["-N1", "--oversubscribe"], "YES"),
+        (["-N1", "--exclusive=user"], "USER"),
+    ],
+)
+def test_job_that_shares_its_nodes_is_not_exclusive(
+    cluster: Cluster, args: list[str], oversubscribe: str
+) -> None:
+    found, slurm_tasks, job = run_job(cluster, args)
+    assert found["exclusive"] is False
+    assert cluster.job(job)["OverSubscribe"] == oversubscribe
+    assert found["tasks_per_node"] == slurm_tasks
+    assert found["end_time"] is not None  # infinite limit: Slurm says start + 1 year
+
+
+def test_exclusive_partition_makes_every_job_exclusive(cluster: Cluster) -> None:
+    found, slurm_tasks, job = run_job(cluster, ["-N3", "-p", "whole"])
+    assert found["exclusive"] is True
+    assert cluster.job(job)["OverSubscribe"] == "NO"
+    assert found["tasks_per_node"] == slurm_tasks  # no -n: one task per CPU
+
+
+@pytest.mark.parametrize("args", [["-N3", "-n5"], ["-N3", "-n4", "--exclusive"], ["-N3"]])
+def test_uneven_tasks_follow_slurm_node_order(cluster: Cluster, args: list[str]) -> None:
+    found, slurm_tasks, _job = run_job(cluster, args)
+    tasks = found["tasks_per_node"]
+    assert tasks == slurm_tasks
+    if "-n5" in args:
+        assert isinstance(tasks, list) and sum(tasks) == 5
+        assert tasks == sorted(tasks, reverse=True)  # block layout: first nodes first
+
+
+def _query_on_node(cluster: Cluster, conf: str, timeout: float) -> tuple[str, float]:
+    code = (
+        "import json, os, time\nfrom shifter_sshd import slurm\n"
+        f"t = time.monotonic(); d = slurm.job_details(os.environ, {timeout})\n"
+        "print(json.dumps([d is None, time.monotonic() - t]))\n"
+    )
+    env = {"SLURM_CONF": conf, "SLURM_JOB_ID": "1", "SLURM_NODELIST": "node[1-3]",
+           "SLURM_JOB_CPUS_PER_NODE": "2(x3)"}  # fmt: skip
+    done = cluster.run("node1", [PYTHON, "-c", code], env=env, timeout=30)
+    is_none, seconds = json.loads(done.stdout)
+    assert is_none is True, done
+    return done.stderr, seconds
+
+
+def test_unreachable_controller_gives_none_within_the_timeout(cluster: Cluster) -> None:
+    conf = os.path.join(cluster.root, "unreachable.conf")
+    with open(cluster.conf) as f:
+        text = f.read()
+    # An address of the cluster's subnet where nothing answers: connects hang.
+    subnet = cluster.layout.subnet
+    moved = text.replace(f"SlurmctldHost=ctl({subnet}.2)", f"SlurmctldHost=ctl({subnet}.250)")
+    assert moved != text
+    with open(conf, "w") as f:
+        f.write(moved)
+    stderr, seconds = _query_on_node(cluster, conf, 2.0)
+    assert 1.9 < seconds < 3.0
+    assert "shifter-sshd: slurm: squeue gave no answer within 2 s: /usr/bin/squeue" in stderr
+
+
+def test_squeue_failing_gives_none_at_once(cluster: Cluster) -> None:
+    conf = os.path.join(cluster.root, "broken.conf")
+    with open(conf, "w") as f:
+        f.write("NoSuchKey=1\n")
+    stderr, seconds = _query_on_node(cluster, conf, 5.0)
+    assert seconds < 2
+    assert "shifter-sshd: slurm: squeue failed (exit 1): squeue: fatal: Unable to process" in stderr
+
+
+# --- parsing, without the cluster -------------------------------------------------------
+
+
+def _queue(jobs: int, wanted: int) -> str:
+    record = {"job_id": 0, "nodes": "n[1-2]", "comment": '{"job_id": 7}\n    }', "shared": None}
+    listed = [dict(record, job_id=100 + i) for i in range(jobs)]
+    listed[-1] = dict(record, job_id=wanted, shared="none", end_time=123, tasks=4)
+    return json.dumps({"meta": {}, "errors": [], "jobs": listed}, indent=2)
+
+
+def test_find_job_cuts_out_one_record_and_is_fast() -> None:
+    text = _queue(5000, 7)
+    assert slurm._cut_record(text, 7) is not None
+    start = time.perf_counter()
+    record = slurm.find_job(text.encode(), 7)
+    assert time.perf_counter() - start < 0.1
+    assert record["shared"] == "none" and record["end_time"] == 123
+    assert slurm.find_job(json.dumps(json.loads(text)), 7) == record  # unindented: full parse
+    assert slurm.find_job(text, 100)["job_id"] == 100  # not job 1000..1099's prefix
+    with pytest.raises(ShifterError, match="job not in squeue's list: 99999"):
+        slurm.find_job(text, 99999)
+
+
+def test_distribute_is_slurm_block_layout() -> None:
+    assert slurm.distribute([2, 2, 1], 5) == [2, 2, 1]
+    assert slurm.distribute([2, 2, 2], 4) == [2, 1, 1]
+    assert slurm.distribute([64, 64], 2) == [64, 64]  # no -n: one task per CPU
+    assert slurm.distribute([64, 64], 6, per_node=3) == [3, 3]
+    assert slurm.distribute([4, 4], 4, per_task=2) == [2, 2]
+    assert slurm.distribute([1, 1], 5) == [3, 2]  # more tasks than CPUs: round-robin
+
+
+# --- node lists: ClusterShell's expansion against Slurm's own ---------------------------
+
+AGREE = [
+    "node[1-3]", "node[01-10]", "a[1-2],b3,c[5,7-8]", "rack[1-2]-node[1-2]",
+    "n[1-2]-[3-4]", "x[9-11]", "nid[0009-0011]", "n[9,010]", "b1,a1", "n[1-2],n1",
+    "nid[00001-00003],login1", "n1-[1-2]", "node1",
+]  # fmt: skip
+# Slurm keeps a bracket's order; ClusterShell sorts a bracket's members (and puts
+# n10 before n001). Slurm writes a job's list in node-table order, so these can reach
+# a prolog when slurm.conf defines nodes out of order or with mixed padding.
+DISAGREE = ["n[3,1,2]", "n[001-002,10]"]
+
+
+def _slurm_hostnames(cluster: Cluster, node_list: str) -> list[str]:
+    return cluster.client(["scontrol", "show", "hostnames", node_list]).stdout.split()
+
+
+@pytest.mark.parametrize("node_list", AGREE)
+def test_expand_nodelist_matches_scontrol(cluster: Cluster, node_list: str) -> None:
+    assert expand_nodelist(node_list) == _slurm_hostnames(cluster, node_list)
+
+
+@pytest.mark.xfail(strict=True, reason="hostsfile.expand_nodelist sorts inside brackets")
+@pytest.mark.parametrize("node_list", DISAGREE)
+def test_expand_nodelist_bracket_order(cluster: Cluster, node_list: str) -> None:
+    assert expand_nodelist(node_list) == _slurm_hostnames(cluster, node_list)
