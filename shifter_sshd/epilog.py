@@ -21,13 +21,16 @@ def main(config_path: str | None = None, env: dict[str, str] | None = None) -> i
 
     os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")  # slurmd gives none
     environ = dict(os.environ) if env is None else env
+    container_job = any(environ.get(f"SPANK_SHIFTER_{n}") for n in ("IMAGE", "IMAGE_ID"))
     try:
         config = config_mod.load(config_path)
         job_id = job_mod.job_id_from_env(environ)
         clean = teardown.teardown(config, StateStore(config.state_path), job_id)
     except ShifterError as err:
         log.error(str(err))
-        return EXIT_NODE
+        # slurmd gives the Epilog the job's SPANK_* variables too: a job that asked for
+        # no container cannot have left one, so a broken config is no reason to drain.
+        return EXIT_NODE if container_job else EXIT_OK
     if not clean:
         log.error(f"shifter-sshd: epilog: job {job_id}: mounts left behind under "
                   f"{config.udi_mount} or {config.loop_mount}")  # fmt: skip

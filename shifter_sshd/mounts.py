@@ -52,14 +52,25 @@ class Mounter:
         rec = sc.MS_REC if recursive else 0
         _do(lambda: sc.mount(source, target, None, sc.MS_BIND | rec), kind, target)
         self._record(target, kind)
+        if recursive:  # every submount gets the flags too, not just the top one
+            attrs = _attrs(flags) | (sc.MOUNT_ATTR_RDONLY if read_only else 0)
+            _do(lambda: sc.mount_setattr_recursive(target, attrs, sc.MS_SLAVE), "setattr", target)
+            return
         # Slave keeps host-side unmounts flowing in; nothing of ours flows out.
-        _do(lambda: sc.mount(None, target, None, sc.MS_SLAVE | rec), "make slave", target)
+        _do(lambda: sc.mount(None, target, None, sc.MS_SLAVE), "make slave", target)
         remount = sc.MS_REMOUNT | sc.MS_BIND | flags | (sc.MS_RDONLY if read_only else 0)
         _do(lambda: sc.mount(None, target, None, remount), "remount", target)
 
     def remount_read_only(self, target: str) -> None:
         flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | NOSUID_NODEV
         _do(lambda: sc.mount(None, target, None, flags), "remount read-only", target)
+
+
+def _attrs(flags: int) -> int:
+    """MS_* per-mount flags as MOUNT_ATTR_* bits."""
+    pairs = ((sc.MS_NOSUID, sc.MOUNT_ATTR_NOSUID), (sc.MS_NODEV, sc.MOUNT_ATTR_NODEV),
+             (sc.MS_NOEXEC, sc.MOUNT_ATTR_NOEXEC))  # fmt: skip
+    return sum(attr for flag, attr in pairs if flags & flag)
 
 
 def _do(call: Callable[[], None], what: str, target: str) -> None:

@@ -44,7 +44,9 @@ class Setup:
     allocation: list[tuple[str, int]] = field(default_factory=list)
     key_set: keys.NodeKeySet | None = None
     ssh_etc: str = ""
-    exclusive: bool = True  # until Slurm says otherwise (slurm.job_details)
+    exclusive: bool | None = None  # from slurm.job_details; None: Slurm did not say
+    end_time: int | None = None
+    job_env: dict[str, str] = field(default_factory=dict)
     image_dir: str = ""
     root: Root | None = None
     timings: list[tuple[str, float]] = field(default_factory=list)
@@ -70,12 +72,39 @@ def step_request(s: Setup) -> None:
     s.modules = environment.modules(s.config, s.job.modules)
     job = s.job
     s.allocation = hostsfile.slots(job.node_list, job.cpus_per_node, job.node_name)
+    _ask_slurm(s)
+
+
+def _ask_slurm(s: Setup) -> None:
+    """Tasks per node, end time and exclusivity: slurmctld knows, the environment not.
+
+    Without an answer the hostsfile counts CPUs, certificates get the longest
+    lifetime, an sshd still starts (it admits the job user only), and no other job's
+    container is touched (it might be a live job sharing the node).
+    """
+    conf = s.job_env.get("SLURM_CONF", "")
+    if not conf or not os.path.exists(conf):
+        log.debug("prolog: no SLURM_CONF (not run by slurmd?): using the job environment only")
+        s.exclusive = None
+        return
+    from . import slurm
+
+    details = slurm.job_details(s.job_env)
+    if details is None:
+        s.exclusive = None
+        return
+    s.exclusive, s.end_time = details.exclusive, details.end_time
+    if details.tasks_per_node and len(details.tasks_per_node) == len(s.allocation):
+        nodes = [node for node, _cpus in s.allocation]
+        s.allocation = list(zip(nodes, details.tasks_per_node, strict=True))
+    if s.exclusive is False:
+        log.info(f"prolog: job {s.job.job_id} shares its nodes: no container sshd")
 
 
 def step_leftovers(s: Setup) -> None:
     """A prolog run again for the same job (requeue, retry) starts from nothing, and an
     exclusive job owns the node: any other job's container here is a dead job's."""
-    others = [] if not s.exclusive else [j for j in _jobs_on_node(s) if j != s.job.job_id]
+    others = [j for j in _jobs_on_node(s) if j != s.job.job_id] if s.exclusive else []
     for job_id in [s.job.job_id, *others]:
         root, _scratch = rootfs.job_dirs(s.config, job_id)
         if s.store.load(job_id) is None and not os.path.exists(root):
@@ -152,7 +181,8 @@ def step_hostsfile(s: Setup) -> None:
 
 
 def _sshd_wanted(s: Setup) -> bool:
-    return s.config.enable_sshd
+    """Shifter's rule: only jobs that have their nodes to themselves get an sshd."""
+    return s.config.enable_sshd and s.exclusive is not False
 
 
 def step_ssh_keys(s: Setup) -> None:
@@ -160,7 +190,7 @@ def step_ssh_keys(s: Setup) -> None:
         from . import sshfiles
 
         assert s.user is not None
-        s.key_set = sshfiles.derive(s.config, s.job, s.user, None)
+        s.key_set = sshfiles.derive(s.config, s.job, s.user, s.end_time)
 
 
 def step_ssh_files(s: Setup) -> None:
@@ -241,12 +271,12 @@ def run_steps(s: Setup) -> None:
         s.timings.append((name, time.perf_counter() - started))
 
 
-def build(config: Config, job: job_mod.Job) -> Setup:
+def build(config: Config, job: job_mod.Job, env: dict[str, str] | None = None) -> Setup:
     """Build the container; on any failure undo everything, then re-raise."""
     store = StateStore(config.state_path)
     root, scratch = rootfs.job_dirs(config, job.job_id)
     state = JobState(job_id=job.job_id, root=root, scratch=scratch)
-    setup = Setup(config, job, store, state, Mounter(state, store))
+    setup = Setup(config, job, store, state, Mounter(state, store), job_env=dict(env or {}))
     try:
         run_steps(setup)
     except BaseException:
@@ -266,17 +296,17 @@ def main(config_path: str | None = None, env: dict[str, str] | None = None) -> i
 
     os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")  # slurmd gives none
     environ = dict(os.environ) if env is None else env
+    if not any(environ.get(f"SPANK_SHIFTER_{name}") for name in ("IMAGE", "IMAGE_ID")):
+        return EXIT_OK  # not a container job: nothing to read, nothing to break
     try:
         config = config_mod.load(config_path)
         job = job_mod.from_env(environ)
     except ShifterError as err:
         log.error(str(err))
         return EXIT_NODE
-    if not job.image and not job.image_id:
-        return EXIT_OK  # not a container job
     started = time.perf_counter()
     try:
-        setup = build(config, job)
+        setup = build(config, job, environ)
     except ShifterError as err:
         return _failed(config, job, err)
     except Exception as err:  # a bug must not drain the node if rollback left it clean

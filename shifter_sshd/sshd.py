@@ -91,7 +91,7 @@ def wait_ready(pid: int, port: int, log_host_path: str, timeout: float = 10.0) -
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             raise node_error("sshd", f"exited at start ({_status(status)})", _tail(log_host_path))
-        if _banner(port):
+        if _banner(port) and _listens(pid, port):
             return
         time.sleep(0.005)
     raise node_error("sshd", f"no SSH banner on port {port} after {timeout:.0f} s",
@@ -102,6 +102,29 @@ def _banner(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
             return sock.recv(64).startswith(b"SSH-2.0-")
+    except OSError:
+        return False
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether the banner came from our sshd: it holds the listening socket on ``port``.
+
+    Another process holding the port would answer too, and our sshd would die on
+    ``Address already in use`` a moment later.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as handle:
+                for line in handle.readlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+        except OSError:
+            continue
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
+                   for fd in os.listdir(f"/proc/{pid}/fd"))  # fmt: skip
     except OSError:
         return False
 

@@ -74,6 +74,29 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> i
     return fd
 
 
+_SYS_MOUNT_SETATTR = 442
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+AT_SYMLINK_NOFOLLOW = 0x100
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+
+def mount_setattr_recursive(target: str, attr_set: int, propagation: int = 0) -> None:
+    """``mount_setattr(2)`` on a whole mount tree: remount can only change the top one."""
+    attr = struct.pack("QQQQ", attr_set, 0, propagation, 0)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    flags = AT_RECURSIVE | AT_SYMLINK_NOFOLLOW
+    result = int(
+        _libc.syscall(_SYS_MOUNT_SETATTR, AT_FDCWD, target.encode(), flags, buf, len(attr))
+    )
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mount_setattr: {os.strerror(code)}", target)
+
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 

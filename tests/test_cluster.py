@@ -3,6 +3,7 @@ ssh and mpirun across nodes, as unprivileged users. One cluster for the module."
 
 from __future__ import annotations
 
+import pwd
 import re
 import time
 from collections.abc import Iterator
@@ -184,3 +185,21 @@ def test_image_removed_after_submission(cluster: Cluster, site: Site) -> None:
     assert "SCRIPT-RAN" not in output
     assert set(cluster.sinfo_states().values()) == {"idle"}
     assert leftovers(cluster) == {}
+
+
+def test_exclusive_job_replaces_a_dead_jobs_container(cluster: Cluster, site: Site) -> None:
+    """A container left by a job whose epilog never ran (built here by hand) holds the
+    sshd port; the next exclusive job's prolog tears it down and starts its own."""
+    user = pwd.getpwnam(USER)
+    fake = {"SLURM_JOB_ID": "999999", "SLURM_JOB_UID": str(user.pw_uid),
+            "SLURM_JOB_GID": str(user.pw_gid), "SLURM_JOB_USER": USER,
+            "SLURMD_NODENAME": "node1", "SLURM_NODELIST": "node1", "SLURM_CLUSTER_NAME": "lab",
+            "SPANK_SHIFTER_IMAGE": BUSYBOX}  # fmt: skip
+    prolog = f"{site.directory}/prolog.sh"
+    done = cluster.run("node1", [prolog], env=fake, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "999999" in leftovers(cluster)["node1"]
+    args = ["-N1", "-w", "node1", "--exclusive", f"--image={BUSYBOX}"]
+    state, output = run_job(cluster, "shifter ssh node1 echo NEW-SSHD-OK\n", args)
+    assert state == "COMPLETED", output
+    assert "NEW-SSHD-OK" in output

@@ -58,6 +58,12 @@ def test_prolog_builds_the_container_and_epilog_removes_it(
     assert image_mounts and all("nosuid" in o and "nodev" in o and "ro" in o for o in image_mounts)
     assert "ro" in mounts[f"{root}/data"][1].split(",")
     assert "ro" in mounts[f"{root}/opt/udiImage"][1].split(",")
+    sys_mounts = [
+        opts for target, (_t, opts, _s) in mounts.items() if target.startswith(f"{root}/sys")
+    ]
+    assert len(sys_mounts) > 1  # the recursive bind carries /sys's submounts...
+    for opts in sys_mounts:  # ...and every one of them is read-only, nosuid, nodev
+        assert {"ro", "nosuid", "nodev"} <= set(opts.split(",")), opts
 
     done = node.epilog("101")
     assert done.returncode == 0, done.stderr

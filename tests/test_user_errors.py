@@ -111,6 +111,10 @@ def test_broken_config_drains(node: Node, test_users: list[LabUser]) -> None:
     assert done.returncode == 1
     assert f"{node.config}:1: unknown key (did you mean udiMount?): udiMont" in done.stderr
     os.unlink(node.config)
-    done = node.epilog("205")
+    done = node.epilog_env("205", SPANK_SHIFTER_IMAGE=BUSYBOX)
     assert done.returncode == 1
     assert f"config: file not found: {node.config}" in done.stderr
+    # Jobs that asked for no container never drain a node over shifter-sshd's config.
+    assert node.epilog("205").returncode == 0
+    plain = node.job_env("205", user.name, user.uid, user.gid)
+    assert node.prolog(plain).returncode == 0
