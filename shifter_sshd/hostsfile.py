@@ -15,8 +15,12 @@ from .rootpath import Root
 
 
 def expand_nodelist(text: str) -> list[str]:
-    """Slurm's order, which SLURM_JOB_CPUS_PER_NODE follows: NodeSet sorts a whole
-    set, so each comma-separated term is expanded on its own, in place."""
+    """Slurm's order, which SLURM_JOB_CPUS_PER_NODE follows.
+
+    ClusterShell's NodeSet sorts what it is given, Slurm does not (``n[3,1]`` is
+    n3, n1), so every comma-separated part, outside brackets and inside them, is
+    expanded on its own, in place, and only single ranges reach NodeSet.
+    """
     if "[" not in text:
         return [n for n in text.split(",") if n]
     from ClusterShell.NodeSet import NodeSet, NodeSetParseError
@@ -24,10 +28,24 @@ def expand_nodelist(text: str) -> list[str]:
     nodes: list[str] = []
     try:
         for term in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", text):
-            nodes += list(NodeSet(term))
+            for single in _split_brackets(term):
+                nodes += list(NodeSet(single))
     except NodeSetParseError as err:
         raise user_error("job environment", f"malformed node list ({err})", text) from None
     return nodes
+
+
+def _split_brackets(term: str) -> list[str]:
+    """``n[3,1-2]-[5,4]`` -> n[3]-[5], n[3]-[4], n[1-2]-[5], n[1-2]-[4] (Slurm's order)."""
+    match = re.search(r"\[([^\]]*,[^\]]*)\]", term)
+    if match is None:
+        return [term]
+    head, tail = term[: match.start()], term[match.end() :]
+    return [
+        single
+        for part in match.group(1).split(",")
+        for single in _split_brackets(f"{head}[{part}]{tail}")
+    ]
 
 
 def slots(node_list: str, cpus_per_node: str, node_name: str) -> list[tuple[str, int]]:

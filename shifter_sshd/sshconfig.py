@@ -181,7 +181,7 @@ def _sshd_values(s: SshdSettings) -> dict[str, object]:
 def _client_values(s: SshClientSettings) -> dict[str, object]:
     where = "ssh_config"
     values: dict[str, object] = {
-        "hosts": " ".join(_hosts(where, s.hosts)),
+        "hosts": ",".join(_hosts(where, s.hosts)),
         "port": _int(where, "Port", s.port, 1, 65535),
         "user": s.user and _match(where, "User", _USER, s.user),
         "connection_attempts": _int(where, "ConnectionAttempts", s.connection_attempts, 1, 600),

@@ -212,11 +212,11 @@ AGREE = [
     "node[1-3]", "node[01-10]", "a[1-2],b3,c[5,7-8]", "rack[1-2]-node[1-2]",
     "n[1-2]-[3-4]", "x[9-11]", "nid[0009-0011]", "n[9,010]", "b1,a1", "n[1-2],n1",
     "nid[00001-00003],login1", "n1-[1-2]", "node1",
+    # Slurm keeps a bracket's order where ClusterShell alone would sort (and put n10
+    # before n001); Slurm writes a job's list in node-table order, so these can reach
+    # a prolog when slurm.conf defines nodes out of order or with mixed padding.
+    "n[3,1,2]", "n[001-002,10]", "n[3,1]-[5,4]",
 ]  # fmt: skip
-# Slurm keeps a bracket's order; ClusterShell sorts a bracket's members (and puts
-# n10 before n001). Slurm writes a job's list in node-table order, so these can reach
-# a prolog when slurm.conf defines nodes out of order or with mixed padding.
-DISAGREE = ["n[3,1,2]", "n[001-002,10]"]
 
 
 def _slurm_hostnames(cluster: Cluster, node_list: str) -> list[str]:
@@ -225,10 +225,4 @@ def _slurm_hostnames(cluster: Cluster, node_list: str) -> list[str]:
 
 @pytest.mark.parametrize("node_list", AGREE)
 def test_expand_nodelist_matches_scontrol(cluster: Cluster, node_list: str) -> None:
-    assert expand_nodelist(node_list) == _slurm_hostnames(cluster, node_list)
-
-
-@pytest.mark.xfail(strict=True, reason="hostsfile.expand_nodelist sorts inside brackets")
-@pytest.mark.parametrize("node_list", DISAGREE)
-def test_expand_nodelist_bracket_order(cluster: Cluster, node_list: str) -> None:
     assert expand_nodelist(node_list) == _slurm_hostnames(cluster, node_list)
