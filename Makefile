@@ -15,22 +15,26 @@ export SHIFTER_SSHD_VENV := $(VENV)
 APT_PACKAGES := python3 python3-venv python3-dev gcc make squashfs-tools squashfs-tools-ng \
 	debootstrap busybox-static openssh-server openssh-client slurm-wlm slurmctld slurmd \
 	munge libslurm-dev iproute2 util-linux psmisc procps zstd xz-utils openmpi-bin mpich \
-	uidmap
+	libopenmpi-dev libmpich-dev
 
 .PHONY: demo test setup lint typecheck pytest bench clean-lab
 
 setup: $(VENV)/.installed
 	@$(PY) -m pip install -q --no-deps --no-build-isolation . >/dev/null
 
+# Debian starts sshd, munged, slurmd and slurmctld on install; the lab runs its own,
+# so a temporary policy-rc.d (exit 101) keeps the packages' daemons from starting.
 $(VENV)/.installed: pyproject.toml
 	@missing=$$(dpkg-query -W -f='$${Status} $${Package}\n' $(APT_PACKAGES) 2>&1 | grep -v '^install ok installed' || true); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$(echo "$$missing" | awk '{print $$NF}' | tr '\n' ' ')"; \
+		created=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+			chmod 755 /usr/sbin/policy-rc.d; created=1; }; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-			-o DPkg::Lock::Timeout=600 $(APT_PACKAGES); \
+			-o DPkg::Lock::Timeout=600 $(APT_PACKAGES); status=$$?; \
+		[ -z "$$created" ] || rm -f /usr/sbin/policy-rc.d; \
+		[ $$status -eq 0 ] || exit $$status; \
 	fi
-	@# Debian starts daemons on install; the lab starts its own.
-	@-pkill -x sshd; pkill -x munged; pkill -x slurmd; pkill -x slurmctld; true
 	@[ -x $(PY) ] || /usr/bin/python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip setuptools wheel
 	@$(PY) -m pip install -q '.[test]'

@@ -319,7 +319,7 @@ def main(config_path: str | None = None, env: dict[str, str] | None = None) -> i
 
 def _failed(config: Config, job: job_mod.Job, err: ShifterError) -> int:
     log.error(f"{err} (job {job.job_id})")
-    if err.kind is Kind.USER:
+    if err.kind == Kind.USER:
         StateStore(config.state_path).write_error(job.job_id, str(err))
         return EXIT_OK
     return EXIT_NODE

@@ -275,7 +275,7 @@ def test_init_secret_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     with pytest.raises(ShifterError) as err:
         keys.init_secret(str(path))
     assert str(path) in str(err.value)
-    assert err.value.kind is Kind.USAGE
+    assert err.value.kind == Kind.USAGE
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["secret"]
     keys.init_secret(str(path), force=True)
@@ -299,7 +299,7 @@ def test_load_secret_refuses_open_modes(tmp_path: Path, mode: int, shown: str) -
     assert str(err.value) == (
         f"shifter-sshd: {path}: site secret is open to group or others (chmod 600): {shown}"
     )
-    assert err.value.kind is Kind.NODE
+    assert err.value.kind == Kind.NODE
 
 
 def test_load_secret_refuses_a_user_owned_file(tmp_path: Path) -> None:

@@ -30,4 +30,4 @@ def test_volume_specs() -> None:
     ]
     with pytest.raises(ShifterError) as caught:
         volumes.parse_volumes("/a:/etc/x")
-    assert caught.value.kind.value == "user"
+    assert caught.value.kind == "user"
