@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from . import confvalues as v
+from .confvalues import SiteMount, parse_mount_spec
 from .errors import ShifterError, node_error, usage_error
 
 if TYPE_CHECKING:
@@ -21,16 +23,6 @@ if TYPE_CHECKING:
 
 DEFAULT_PATH = "/etc/shifter/udiRoot.conf"
 ENV_PATH = "SHIFTER_SSHD_CONFIG"
-
-
-@dataclass(frozen=True)
-class SiteMount:
-    """A ``siteFs`` entry or a user's ``--volume``: host ``source`` at ``dest``."""
-
-    source: str
-    dest: str
-    read_only: bool = False
-    recursive: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,172 +77,46 @@ class Config:
         return None
 
 
-# --- value parsers: each gets (where, key, raw value) and raises ShifterError -------
-
-
-def _path(where: str, key: str, value: str) -> str:
-    if not value.startswith("/") or "\0" in value:
-        raise node_error(where, f"{key} must be an absolute path", value)
-    return os.path.normpath(value)
-
-
-def _optional_path(where: str, key: str, value: str) -> str | None:
-    return _path(where, key, value) if value else None
-
-
-def _bool(where: str, key: str, value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "yes", "true", "on"):
-        return True
-    if lowered in ("0", "no", "false", "off"):
-        return False
-    raise node_error(where, f"{key} must be 0 or 1", value)
-
-
-def _int_range(low: int, high: int) -> Callable[[str, str, str], int]:
-    def parse(where: str, key: str, value: str) -> int:
-        try:
-            number = int(value, 10)
-        except ValueError:
-            raise node_error(where, f"{key} must be an integer", value) from None
-        if not low <= number <= high:
-            raise node_error(where, f"{key} must be between {low} and {high}", value)
-        return number
-
-    return parse
-
-
-def _seconds(where: str, key: str, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise node_error(where, f"{key} must be a number of seconds", value) from None
-    if not 0 <= number <= 3600:
-        raise node_error(where, f"{key} must be between 0 and 3600 seconds", value)
-    return number
-
-
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-def _names(where: str, key: str, value: str) -> tuple[str, ...]:
-    names = tuple(value.replace(",", " ").split())
-    for name in names:
-        if not _NAME.match(name):
-            raise node_error(where, f"{key} has an invalid name", name)
-    return names
-
-
-def _word(choices: tuple[str, ...] | None = None) -> Callable[[str, str, str], str]:
-    def parse(where: str, key: str, value: str) -> str:
-        if not value or any(c.isspace() for c in value):
-            raise node_error(where, f"{key} must be a single word", value)
-        if choices is not None and value not in choices:
-            raise node_error(where, f"{key} must be one of {', '.join(choices)}", value)
-        return value
-
-    return parse
-
-
-def _optional_word(where: str, key: str, value: str) -> str | None:
-    return _word()(where, key, value) if value else None
-
-
-SITE_FS_FLAGS = ("ro", "rw", "rec")
-
-
-def parse_mount_spec(where: str, spec: str, allowed_flags: tuple[str, ...]) -> SiteMount:
-    """Parse ``source:dest[:flags]``; also used for the user's ``--volume``."""
-    parts = spec.split(":")
-    if len(parts) < 2 or len(parts) > 3 or not parts[0] or not parts[1]:
-        raise ShifterError(where, "expected source:destination[:flags]", spec)
-    source, dest = parts[0], parts[1]
-    flags = [f for f in parts[2].split(",") if f] if len(parts) == 3 else []
-    for path in (source, dest):
-        if not path.startswith("/"):
-            raise ShifterError(where, "paths must be absolute", path)
-        if "\0" in path or any(p == ".." for p in path.split("/")):
-            raise ShifterError(where, "paths may not contain '..'", path)
-    for flag in flags:
-        if flag not in allowed_flags:
-            raise ShifterError(where, f"unknown flag (allowed: {', '.join(allowed_flags)})", flag)
-    return SiteMount(
-        source=os.path.normpath(source),
-        dest=os.path.normpath(dest),
-        read_only="ro" in flags,
-        recursive="rec" in flags,
-    )
-
-
-def _site_fs(where: str, key: str, value: str) -> tuple[SiteMount, ...]:
-    specs = [s for s in re.split(r"[;\s]+", value) if s]
-    try:
-        return tuple(parse_mount_spec(where, spec, SITE_FS_FLAGS) for spec in specs)
-    except ShifterError as err:
-        raise node_error(where, f"{key}: {err.what}", err.value) from None
-
-
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _env_pairs(where: str, key: str, value: str) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for item in value.split():
-        name, sep, setting = item.partition("=")
-        if not sep or not _ENV_NAME.match(name):
-            raise node_error(where, f"{key} entries must be NAME=value", item)
-        pairs.append((name, setting))
-    return tuple(pairs)
-
-
-def _env_names(where: str, key: str, value: str) -> tuple[str, ...]:
-    names = tuple(value.split())
-    for name in names:
-        if not _ENV_NAME.match(name):
-            raise node_error(where, f"{key} entries must be variable names", name)
-    return names
-
-
 # --- the key table: file key -> (Config field, parser, repeatable) --------------------
 # Repeatable keys accumulate over several lines; a scalar given twice is an error.
 
 Parser: TypeAlias = "Callable[[str, str, str], Any]"
 
 KEYS: dict[str, tuple[str, Parser, bool]] = {
-    "udiMount": ("udi_mount", _path, False),
-    "loopMount": ("loop_mount", _path, False),
-    "imagePath": ("image_path", _path, False),
-    "optUdiImage": ("opt_udi_image", _path, False),
-    "etcPath": ("etc_path", _optional_path, False),
-    "usersToImport": ("users_to_import", _names, True),
-    "siteFs": ("site_fs", _site_fs, True),
-    "siteEnv": ("site_env", _env_pairs, True),
-    "siteEnvAppend": ("site_env_append", _env_pairs, True),
-    "siteEnvPrepend": ("site_env_prepend", _env_pairs, True),
-    "siteEnvUnset": ("site_env_unset", _env_names, True),
-    "rootfsType": ("rootfs_type", _word(("tmpfs", "ramfs")), False),
-    "mountUdiRootWritable": ("mount_udi_root_writable", _bool, False),
-    "maxGroupCount": ("max_group_count", _int_range(0, 65536), False),
-    "defaultImageType": ("default_image_type", _word(("docker", "custom", "local")), False),
-    "system": ("system", _optional_word, False),
-    "defaultModules": ("default_modules", _names, True),
-    "enableSshd": ("enable_sshd", _bool, False),
-    "sshdPort": ("sshd_port", _int_range(1, 65535), False),
-    "sshKeySecret": ("ssh_key_secret", _path, False),
-    "sshCertGrace": ("ssh_cert_grace", _int_range(0, 7 * 24 * 3600), False),
-    "sshCertMaxLifetime": ("ssh_cert_max_lifetime", _int_range(60, 366 * 24 * 3600), False),
-    "statePath": ("state_path", _path, False),
-    "killGrace": ("kill_grace", _seconds, False),
+    "udiMount": ("udi_mount", v.path, False),
+    "loopMount": ("loop_mount", v.path, False),
+    "imagePath": ("image_path", v.path, False),
+    "optUdiImage": ("opt_udi_image", v.path, False),
+    "etcPath": ("etc_path", v.optional_path, False),
+    "usersToImport": ("users_to_import", v.names, True),
+    "siteFs": ("site_fs", v.site_fs, True),
+    "siteEnv": ("site_env", v.env_pairs, True),
+    "siteEnvAppend": ("site_env_append", v.env_pairs, True),
+    "siteEnvPrepend": ("site_env_prepend", v.env_pairs, True),
+    "siteEnvUnset": ("site_env_unset", v.env_names, True),
+    "rootfsType": ("rootfs_type", v.word(("tmpfs", "ramfs")), False),
+    "mountUdiRootWritable": ("mount_udi_root_writable", v.boolean, False),
+    "maxGroupCount": ("max_group_count", v.int_range(0, 65536), False),
+    "defaultImageType": ("default_image_type", v.word(("docker", "custom", "local")), False),
+    "system": ("system", v.optional_word, False),
+    "defaultModules": ("default_modules", v.names, True),
+    "enableSshd": ("enable_sshd", v.boolean, False),
+    "sshdPort": ("sshd_port", v.int_range(1, 65535), False),
+    "sshKeySecret": ("ssh_key_secret", v.path, False),
+    "sshCertGrace": ("ssh_cert_grace", v.int_range(0, 7 * 24 * 3600), False),
+    "sshCertMaxLifetime": ("ssh_cert_max_lifetime", v.int_range(60, 366 * 24 * 3600), False),
+    "statePath": ("state_path", v.path, False),
+    "killGrace": ("kill_grace", v.seconds, False),
 }
 
 # module_<name>_<key>: key -> (Module field, parser)
 MODULE_KEYS: dict[str, tuple[str, Parser]] = {
-    "siteFs": ("site_fs", _site_fs),
-    "siteEnv": ("site_env", _env_pairs),
-    "siteEnvAppend": ("site_env_append", _env_pairs),
-    "siteEnvPrepend": ("site_env_prepend", _env_pairs),
-    "siteEnvUnset": ("site_env_unset", _env_names),
-    "enabled": ("enabled", _bool),
+    "siteFs": ("site_fs", v.site_fs),
+    "siteEnv": ("site_env", v.env_pairs),
+    "siteEnvAppend": ("site_env_append", v.env_pairs),
+    "siteEnvPrepend": ("site_env_prepend", v.env_pairs),
+    "siteEnvUnset": ("site_env_unset", v.env_names),
+    "enabled": ("enabled", v.boolean),
 }
 
 # Shifter keys that mean nothing here: accepted with a warning so a site file works.

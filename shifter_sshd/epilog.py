@@ -8,7 +8,6 @@ then really needs an admin.
 from __future__ import annotations
 
 import os
-import sys
 
 from . import job as job_mod
 from . import log, teardown
@@ -36,20 +35,3 @@ def main(config_path: str | None = None, env: dict[str, str] | None = None) -> i
                   f"{config.udi_mount} or {config.loop_mount}")  # fmt: skip
         return EXIT_NODE
     return EXIT_OK
-
-
-def cli_main() -> int:
-    """``shifter-sshd-epilog [--config PATH]``: what slurm.conf's Epilog points at.
-
-    The same as ``shifter-sshd epilog`` without argparse's import cost on the job path.
-    """
-    args = sys.argv[1:]
-    if args and args[0] in ("-h", "--help"):
-        sys.stdout.write(__doc__ or "")
-        return EXIT_OK
-    if len(args) == 2 and args[0] == "--config":
-        return main(args[1])
-    if args:
-        sys.stderr.write("usage: shifter-sshd-epilog [--config PATH]\n")
-        return EXIT_NODE
-    return main(None)

@@ -331,20 +331,3 @@ def _report(setup: Setup, total: float) -> None:
     if os.environ.get("SHIFTER_SSHD_TIMING"):
         for name, seconds in setup.timings:
             sys.stderr.write(f"timing {name} {seconds * 1000:.3f}\n")
-
-
-def cli_main() -> int:
-    """``shifter-sshd-prolog [--config PATH]``: what slurm.conf's Prolog points at.
-
-    The same as ``shifter-sshd prolog`` without argparse's import cost on the job path.
-    """
-    args = sys.argv[1:]
-    if args and args[0] in ("-h", "--help"):
-        sys.stdout.write(__doc__ or "")
-        return EXIT_OK
-    if len(args) == 2 and args[0] == "--config":
-        return main(args[1])
-    if args:
-        sys.stderr.write("usage: shifter-sshd-prolog [--config PATH]\n")
-        return EXIT_NODE
-    return main(None)

@@ -203,3 +203,18 @@ def test_exclusive_job_replaces_a_dead_jobs_container(cluster: Cluster, site: Si
     state, output = run_job(cluster, "shifter ssh node1 echo NEW-SSHD-OK\n", args)
     assert state == "COMPLETED", output
     assert "NEW-SSHD-OK" in output
+
+
+def test_sixteen_ranks_per_node(cluster: Cluster) -> None:
+    """48 ranks over the 3 containers: every launch goes through the container sshds."""
+    # The virtual nodes have 2 CPUs each: ask mpirun to place 16 per node anyway.
+    script = "shifter mpirun -np 48 --map-by ppr:16:node --oversubscribe /usr/local/bin/mpi_hello\n"
+    args = ["-N3", "--exclusive", f"--image={OPENMPI}"]
+    state, output = run_job(cluster, script, args)
+    assert state == "COMPLETED", output
+    ranks = re.findall(r"^rank (\d+) of 48 on (node\d): ", output, re.M)
+    assert sorted(int(r) for r, _h in ranks) == list(range(48)), output
+    assert {host: sum(1 for _r, h in ranks if h == host) for host in cluster.nodes} == {
+        "node1": 16, "node2": 16, "node3": 16,
+    }  # fmt: skip
+    assert "refused" not in output.lower()
