@@ -218,3 +218,15 @@ def test_sixteen_ranks_per_node(cluster: Cluster) -> None:
         "node1": 16, "node2": 16, "node3": 16,
     }  # fmt: skip
     assert "refused" not in output.lower()
+
+
+def test_shared_job_gets_a_container_but_no_sshd(cluster: Cluster) -> None:
+    script = (
+        "shifter /bin/sh -c 'grep PRETTY /etc/os-release; ls /opt/udiImage/etc | wc -l'\n"
+        "pgrep -x sshd; echo sshd-count=$(pgrep -cx sshd)\n"
+    )
+    state, output = run_job(cluster, script, ["-N1", "--oversubscribe", f"--image={BUSYBOX}"])
+    assert state == "COMPLETED", output
+    assert "BusyBox test root" in output
+    assert "sshd-count=0" in output
+    assert re.search(r"^0$", output, re.M)  # no per-job ssh files either
