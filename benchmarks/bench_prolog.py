@@ -91,7 +91,8 @@ def _top_level(squashfs: str) -> tuple[list[str], list[tuple[str, str]]]:
 
 def _timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
     started = time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    # cwd=/: from the checkout, python -c would import the package from the source tree
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False, cwd="/")
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{argv[0]} failed: {done.stderr}")

@@ -8,7 +8,6 @@ open, with no window to swap the path for something only root can read.
 from __future__ import annotations
 
 import os
-import socket
 import stat
 
 from .config import SiteMount, parse_mount_spec
@@ -97,6 +96,8 @@ def _destination(root: Root, dest: str, is_dir: bool, where: str) -> str:
 
 def open_as_user(path: str, user: User, writable: bool) -> int:
     """Open ``path`` as the user in a child process; the descriptor comes back."""
+    import socket  # only jobs with volumes pay for it
+
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:  # child: become the user, open, send the descriptor, exit
