@@ -94,6 +94,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
     dest = tmp_path_factory.mktemp("bundle") / "udiImage"
     done = run([CLI, "udiimage", "build", "--dest", str(dest)], dict(os.environ), timeout=300)
     assert done.returncode == 0, done.stderr
+    os.chmod(dest.parent, 0o755)  # the job users' shifter reads it on the host side too
     return str(dest)
 
 

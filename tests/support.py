@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,3 +138,20 @@ def in_root(root: str, uid: int, gids: list[int], script: str) -> subprocess.Com
     ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
                           env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/"})  # fmt: skip
+
+
+def wait_for_banner(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until an sshd started by a test answers with its banner; fail with its log."""
+    import pytest
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"sshd exited {process.returncode}: {log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                if sock.recv(64).startswith(b"SSH-2.0-"):
+                    return
+        except OSError:
+            time.sleep(0.02)
+    pytest.fail(f"sshd did not answer on port {port}: {log.read_text()}")

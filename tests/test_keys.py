@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     load_ssh_private_key,
 )
+from support import wait_for_banner
 
 from lab.users import ensure_users
 from shifter_sshd import keys
@@ -406,20 +407,6 @@ PidFile {workdir}/sshd.pid
 LogLevel VERBOSE
 """
     return write_private(workdir / "sshd_config", text.encode())
-
-
-def wait_for_banner(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"sshd exited {proc.returncode}: {log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                if sock.recv(64).startswith(b"SSH-2.0-"):
-                    return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"sshd did not answer on port {port}: {log.read_text()}")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BUSYBOX, DEBIAN, ImageStore
-from support import CLI, Node, run
+from support import Node
 
 from lab import VENV
 from lab.users import GROUP_GID, LabUser
@@ -269,23 +269,6 @@ def test_no_sshd_and_no_userns_is_an_error(job: Job) -> None:
 
 
 # --- the sshd fallback ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
-    dest = tmp_path_factory.mktemp("shifter-bundle") / "udiImage"
-    done = run([CLI, "udiimage", "build", "--dest", str(dest)], dict(os.environ), timeout=300)
-    assert done.returncode == 0, done.stderr
-    os.chmod(dest.parent, 0o755)
-    return str(dest)
-
-
-@pytest.fixture(scope="session")
-def secret_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = str(tmp_path_factory.mktemp("shifter-secret") / "ssh_key_secret")
-    done = run([CLI, "secret", "init", "--path", path], dict(os.environ))
-    assert done.returncode == 0, done.stderr
-    return path
 
 
 def _free_port() -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support import wait_for_banner
 
 from lab.images import busybox_tree
 from lab.users import LabUser, ensure_users
@@ -141,20 +142,6 @@ def _write_configs(etc: Path, bundle: Path, user: LabUser, port: int, suffix: st
     (etc / f"ssh_config{suffix}").write_text(sshconfig.render_ssh_config(client, str(bundle)))
 
 
-def _wait_for_banner(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"sshd exited {process.returncode}: {log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                if sock.recv(64).startswith(b"SSH-2.0-"):
-                    return
-        except OSError:
-            time.sleep(0.02)
-    pytest.fail(f"sshd did not answer on port {port}: {log.read_text()}")
-
-
 def _start_sshd(c: Container, port: int, config: str, log: Path) -> subprocess.Popen[bytes]:
     argv = [f"{UDI}/libexec/sshd", "-D", "-e", "-f", config]
     with open(log, "wb") as out:
@@ -203,7 +190,7 @@ def container() -> Iterator[Container]:
         _write_configs(etc, bundle, user, port)
         c = Container(base, root, bundle, etc, user, port, base / "sshd.log")
         process = _start_sshd(c, port, sshconfig.SSHD_CONFIG, c.log)
-        _wait_for_banner(port, process, c.log)
+        wait_for_banner(port, process, c.log)
         yield c
     finally:
         if process is not None:
