@@ -13,9 +13,11 @@ import time
 from .site import OPENMPI, make_site
 
 JOB = """#!/bin/sh
-echo "== on the host, $(hostname): $(grep PRETTY_NAME /etc/os-release)"
+# The image is Debian 12 like this machine: the root filesystem tells them apart.
+echo "== on the host, $(hostname): / is $(stat -f -c %T /), $(ls /var/hostsfile 2>&1)"
 shifter /bin/bash -c '
-echo "== in the container on $(hostname): $(grep PRETTY_NAME /etc/os-release)"
+echo "== in the container on $(hostname): / is $(stat -f -c %T /), uid $(id -u)"
+echo "   $(grep PRETTY_NAME /etc/os-release)"
 echo "== /var/hostsfile:"; cat /var/hostsfile | tr "\\n" " "; echo
 echo "== ssh node2 / node3 from inside the container:"
 ssh node2 "echo \\"  \\$(hostname): \\$(grep PRETTY_NAME /etc/os-release)\\""
