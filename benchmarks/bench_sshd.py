@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,17 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab import VENV, images, users
+from lab import VENV, users
 
-CLI = os.path.join(VENV, "bin", "shifter-sshd")
+from .common import sshd_node
+
 PROLOG = os.path.join(VENV, "bin", "shifter-sshd-prolog")
 EPILOG = os.path.join(VENV, "bin", "shifter-sshd-epilog")
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
@@ -38,21 +32,6 @@ def _timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, s
     if done.returncode != 0:
         raise SystemExit(f"{argv[0]}: {done.stderr}")
     return time.perf_counter() - started, done.stderr
-
-
-def _setup(work: Path, port: int) -> str:
-    config = work / "udiRoot.conf"
-    config.write_text(f"imagePath={work}/images\nudiMount=/var/udiMount-bench\n"
-                      f"loopMount=/var/udiLoopMount-bench\nstatePath=/run/shifter-sshd-bench\n"
-                      f"optUdiImage={work}/udiImage\nsshKeySecret={work}/secret\n"
-                      f"sshdPort={port}\nsystem=bench\n")  # fmt: skip
-    for args in (
-        ["udiimage", "build"],
-        ["secret", "init"],
-        ["image", "import", str(images.debian_squashfs("openmpi")), "docker:bench"],
-    ):
-        subprocess.run([CLI, "--config", str(config), *args], check=True, capture_output=True)
-    return str(config)  # fmt: skip
 
 
 def _host_sshd(root: str, port: int, uid: int, gid: int, work: Path) -> subprocess.Popen[bytes]:
@@ -85,7 +64,6 @@ def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     work = Path(tempfile.mkdtemp(prefix="bench-sshd-", dir="/var/tmp"))
     os.chmod(work, 0o755)
-    port = _port()
     user = users.ensure_users()[0]
     env = {"SLURM_JOB_ID": "77", "SLURM_JOB_UID": str(user.uid), "SLURM_JOB_GID": str(user.gid),
            "SLURM_JOB_USER": user.name, "SLURMD_NODENAME": "localhost",
@@ -94,7 +72,7 @@ def main() -> None:
     host: subprocess.Popen[bytes] | None = None
     config = ""
     try:
-        config = _setup(work, port)
+        config, port = sshd_node(work, "bench", "docker:bench")
         prolog: list[float] = []
         steps: dict[str, list[float]] = {}
         for _round in range(6):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,12 +18,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from lab import VENV, images, users
+from lab import VENV, users
 
-CLI = os.path.join(VENV, "bin", "shifter-sshd")
+from .common import sshd_node
+
 PROLOG = os.path.join(VENV, "bin", "shifter-sshd-prolog")
 EPILOG = os.path.join(VENV, "bin", "shifter-sshd-epilog")
-UDI, LOOP, STATE = "/var/udiMount-soak", "/var/udiLoopMount-soak", "/run/shifter-sshd-soak"
+UDI, LOOP, STATE = (
+    "/var/udiMount-soak",
+    "/var/udiLoopMount-soak",
+    "/run/shifter-sshd-soak",
+)  # the areas sshd_node(work, "soak", ...) configures
 
 
 def _rss_of(argv: list[str], env: dict[str, str]) -> tuple[int, float, str]:
@@ -69,19 +73,7 @@ def main() -> None:
     cycles = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     work = Path(tempfile.mkdtemp(prefix="soak-", dir="/var/tmp"))
     os.chmod(work, 0o755)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = work / "udiRoot.conf"
-    config.write_text(f"imagePath={work}/images\nudiMount={UDI}\nloopMount={LOOP}\n"
-                      f"statePath={STATE}\noptUdiImage={work}/udiImage\n"
-                      f"sshKeySecret={work}/secret\nsshdPort={port}\nsystem=soak\n")  # fmt: skip
-    for args in (
-        ["udiimage", "build"],
-        ["secret", "init"],
-        ["image", "import", str(images.debian_squashfs("openmpi")), "docker:soak"],
-    ):
-        subprocess.run([CLI, "--config", str(config), *args], check=True, capture_output=True)
+    config, _port = sshd_node(work, "soak", "docker:soak")
     user = users.ensure_users()[0]
     memory: list[tuple[int, int]] = []
     times: list[tuple[float, float]] = []
@@ -93,7 +85,7 @@ def main() -> None:
                    "SLURMD_NODENAME": "localhost", "SLURM_NODELIST": "localhost",
                    "SLURM_JOB_CPUS_PER_NODE": "4",
                    "SPANK_SHIFTER_IMAGE": "docker:soak"}  # fmt: skip
-            prolog_rss, prolog_s, _err = _rss_of([PROLOG, "--config", str(config)], env)
+            prolog_rss, prolog_s, _err = _rss_of([PROLOG, "--config", config], env)
             root = f"{UDI}/{job}"
             script = ("export HOME=/tmp PATH=/opt/udiImage/bin:$PATH; "
                       "for i in 1 2 3 4; do ssh localhost true & done; wait; "
@@ -103,7 +95,7 @@ def main() -> None:
                                 "/bin/bash", "-c", script], check=True, timeout=120,
                                stderr=subprocess.DEVNULL)  # fmt: skip
             finally:
-                epilog_rss, epilog_s, _err = _rss_of([EPILOG, "--config", str(config)],
+                epilog_rss, epilog_s, _err = _rss_of([EPILOG, "--config", config],
                                                      {"SLURM_JOB_ID": job})  # fmt: skip
             memory.append((prolog_rss, epilog_rss))
             times.append((prolog_s, epilog_s))

@@ -8,7 +8,6 @@ ignored (``udiMont=``) would put a container root somewhere nobody expects.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -278,11 +277,6 @@ def _render(value: Any) -> str:
         flags = ",".join(f for f, on in (("ro", value.read_only), ("rec", value.recursive)) if on)
         return f"{value.source}:{value.dest}" + (f":{flags}" if flags else "")
     return str(value)
-
-
-def with_overrides(config: Config, **changes: Any) -> Config:
-    """A copy with some fields changed (tests and the lab use it)."""
-    return dataclasses.replace(config, **changes)
 
 
 __all__ = [

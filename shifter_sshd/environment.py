@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from . import hostsfile
 from .config import Config, Module
 from .errors import user_error
 
@@ -15,12 +16,6 @@ UDI_BIN = "/opt/udiImage/bin"
 # Inside a Slurm job Open MPI and MPICH's Hydra would pick srun, which the
 # container does not have (FINDINGS): keep them on ssh.
 LAUNCHERS = {"OMPI_MCA_plm": "rsh", "HYDRA_LAUNCHER": "ssh", "I_MPI_HYDRA_BOOTSTRAP": "ssh"}
-# Point the MPI launchers at the files hostsfile.py writes: a bare mpirun uses them.
-HOSTFILES = {
-    "OMPI_MCA_orte_default_hostfile": "/var/hostsfile.openmpi",
-    "HYDRA_HOST_FILE": "/var/hostsfile.mpich",
-    "SHIFTER_HOSTSFILE": "/var/hostsfile",
-}
 
 
 def _apply(env: dict[str, str], source: Config | Module) -> None:
@@ -60,6 +55,6 @@ def container_env(
     env["PATH"] = ":".join([UDI_BIN, *path])
     env["SHIFTER_RUNTIME"] = "1"
     env.update(LAUNCHERS)
-    env.update(HOSTFILES)
+    env.update(hostsfile.ENVIRONMENT)
     env.update(extra or {})
     return env

@@ -71,11 +71,20 @@ def _nodes(allocation: list[tuple[str, int]]) -> str:
     return "".join(f"{node}\n" for node, _tasks in allocation)
 
 
+HOSTSFILE, OPENMPI, MPICH, NODESFILE = (
+    "/var/hostsfile", "/var/hostsfile.openmpi", "/var/hostsfile.mpich", "/var/nodesfile",
+)  # fmt: skip
 FILES: dict[str, Callable[[list[tuple[str, int]]], str]] = {
-    "/var/hostsfile": render_hostsfile,
-    "/var/hostsfile.openmpi": _openmpi,
-    "/var/hostsfile.mpich": _mpich,
-    "/var/nodesfile": _nodes,
+    HOSTSFILE: render_hostsfile,
+    OPENMPI: _openmpi,
+    MPICH: _mpich,
+    NODESFILE: _nodes,
+}
+# The container environment points the launchers at them: a bare mpirun uses them.
+ENVIRONMENT = {
+    "OMPI_MCA_orte_default_hostfile": OPENMPI,
+    "HYDRA_HOST_FILE": MPICH,
+    "SHIFTER_HOSTSFILE": HOSTSFILE,
 }
 
 

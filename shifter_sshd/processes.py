@@ -35,6 +35,12 @@ def _stat(pid: int) -> tuple[int, str, str] | None:
     return int(fields[19]), name, fields[0]
 
 
+def start_time(pid: int) -> int | None:
+    """The process's start time, which tells it from a later process with its pid."""
+    stat = _stat(pid)
+    return None if stat is None else stat[0]
+
+
 def _under(path: str, areas: tuple[str, ...]) -> bool:
     return any(path == area or path.startswith(area.rstrip("/") + "/") for area in areas)
 

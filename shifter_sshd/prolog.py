@@ -43,7 +43,7 @@ class Setup:
     modules: list[Module] = field(default_factory=list)
     allocation: list[tuple[str, int]] = field(default_factory=list)
     key_set: keys.NodeKeySet | None = None
-    ssh_etc: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # the container's environment
     exclusive: bool | None = None  # from slurm.job_details; None: Slurm did not say
     end_time: int | None = None
     job_env: dict[str, str] = field(default_factory=dict)
@@ -70,6 +70,8 @@ def step_request(s: Setup) -> None:
     """Everything the user asked for is checked before anything is mounted."""
     s.volumes = volumes.parse_volumes(s.job.volumes)
     s.modules = environment.modules(s.config, s.job.modules)
+    assert s.image is not None
+    s.env = environment.container_env(s.config, s.image.metadata.env, s.modules)
     job = s.job
     s.allocation = hostsfile.slots(job.node_list, job.cpus_per_node, job.node_name)
     _ask_slurm(s)
@@ -198,21 +200,20 @@ def step_ssh_files(s: Setup) -> None:
         return
     from . import sshfiles
 
-    assert s.root is not None and s.user is not None and s.image is not None
-    env = environment.container_env(s.config, s.image.metadata.env, s.modules)
+    assert s.root is not None and s.user is not None
     hosts = [node for node, _tasks in s.allocation]
-    s.ssh_etc = sshfiles.write_etc(s.state.scratch, s.config, s.user, s.key_set, hosts, env)
-    sshfiles.install(s.mounter, s.root, s.ssh_etc, s.user, s.key_set)
+    etc_dir = sshfiles.write_etc(s.state.scratch, s.config, s.user, s.key_set, hosts, s.env)
+    sshfiles.install(s.mounter, s.root, etc_dir, s.user, s.key_set)
 
 
 def step_sshd(s: Setup) -> None:
     if s.key_set is None:
         return
-    from . import sshd, sshfiles
+    from . import processes, sshd, sshfiles
 
     assert s.root is not None and s.user is not None
     pid = sshd.start(s.state.root, s.user, sshfiles.SSHD_LOG)
-    s.state.sshd_pid, s.state.sshd_start_time = pid, sshd.start_time(pid)
+    s.state.sshd_pid, s.state.sshd_start_time = pid, processes.start_time(pid) or 0
     s.store.save(s.state)
     log_path = os.path.join(s.state.root, sshfiles.SSHD_LOG.lstrip("/"))
     sshd.wait_ready(pid, s.config.sshd_port, log_path)
@@ -232,7 +233,7 @@ def step_publish(s: Setup) -> None:
         "job_id": s.job.job_id, "root": s.state.root, "uid": s.user.uid,
         "image": s.job.image or "", "image_id": s.image.id,
         "volumes": s.job.volumes, "modules": list(s.job.modules),
-        "env": environment.container_env(s.config, meta.env, s.modules),
+        "env": s.env,
         "workdir": meta.workdir, "entrypoint": meta.entrypoint,
         "sshd_port": s.config.sshd_port if s.key_set is not None else 0,
     })  # fmt: skip

@@ -59,13 +59,6 @@ USER_KEY_ALGORITHMS = ("ssh-ed25519-cert-v01@openssh.com",)
 CLIENT_USER_KEY_ALGORITHMS = ("ssh-ed25519-cert-v01@openssh.com", "ssh-ed25519")
 CA_ALGORITHMS = ("ssh-ed25519",)
 
-# Session variables that keep MPI launchers on ssh inside a Slurm job (FINDINGS).
-LAUNCHER_ENV = {
-    "OMPI_MCA_plm": "rsh",
-    "HYDRA_LAUNCHER": "ssh",
-    "I_MPI_HYDRA_BOOTSTRAP": "ssh",
-}
-
 TEMPLATES = ("sshd_config.j2", "ssh_config.j2")
 LOG_LEVELS = frozenset({"QUIET", "FATAL", "ERROR", "INFO", "VERBOSE", "DEBUG", "DEBUG1"})
 

@@ -10,7 +10,6 @@ its own uid; without privileges it could not do otherwise even if it wanted to.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import signal
 import socket
@@ -144,43 +143,17 @@ def _tail(path: str, lines: int = 5) -> str:
     return " | ".join(text.strip().splitlines()[-lines:]) or "(empty sshd log)"
 
 
-def start_time(pid: int) -> int:
-    """The process's start time in clock ticks (field 22 of /proc/pid/stat)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-        return int(handle.read().rsplit(")", 1)[1].split()[19])
+def stop(pid: int, started: int) -> bool:
+    """SIGTERM our sshd by its pid, never a recycled pid; True if it was signalled.
 
+    Waiting and SIGKILL are teardown's (processes.stop), for sshd and its sessions alike.
+    """
+    from . import processes
 
-def stop(pid: int, started: int, grace: float = 2.0) -> bool:
-    """Stop our sshd by pid, never a recycled pid: True if one was stopped."""
-    if pid <= 0:
+    if pid <= 0 or processes.start_time(pid) != started:
         return False
     try:
-        if start_time(pid) != started:
-            return False
         os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError):
-        return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return True
-        time.sleep(0.01)
-    try:
-        os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return False
     return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        done, _status = os.waitpid(pid, os.WNOHANG)  # our child in the prolog's tests
-        if done:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError as err:
-        return err.errno != errno.ENOENT

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass
 
 from . import keys, sshconfig
 from .config import Config
@@ -24,14 +23,6 @@ from .users import User
 USER_SSH_DIR = "/var/shifter/ssh"
 SSHD_LOG = f"{USER_SSH_DIR}/sshd.log"
 CLIENTS = ("ssh", "scp", "sftp")  # bound over the image's own, where it has them
-
-
-@dataclass(frozen=True)
-class JobSsh:
-    """What the sshd step needs from the files step."""
-
-    etc_dir: str  # host path of the per-job etc (in scratch)
-    port: int
 
 
 def host_principals(node_name: str) -> list[str]:

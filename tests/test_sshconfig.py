@@ -25,7 +25,7 @@ from support import wait_for_banner
 
 from lab.images import busybox_tree
 from lab.users import LabUser, ensure_users
-from shifter_sshd import sshconfig, udiimage
+from shifter_sshd import environment, sshconfig, udiimage
 from shifter_sshd.errors import ShifterError
 
 UDI = sshconfig.UDI
@@ -35,7 +35,7 @@ ENV = {
     "PATH": f"{UDI}/bin:/usr/bin:/bin",
     "SHIFTER_RUNTIME": "1",
     "TRICKY": "a \"quoted\" \\back\\slash #not-a-comment $HOME 'single'\ttab  two",
-    **sshconfig.LAUNCHER_ENV,
+    **environment.LAUNCHERS,
 }
 HOST_PATH = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
