@@ -30,7 +30,7 @@ def one_key_set(secret: bytes, restart: int) -> float:
     after, before = keys.validity(now, now + 3600, 300, 86400)
     start = time.perf_counter()
     keys.node_key_set(
-        secret, "bench", 4242, restart, "sstest1", "nid00001",
+        secret, "bench", 4242, restart, 2901, "sstest1", "nid00001",
         ["nid00001.bench", "10.0.0.1"], after, before,
     )  # fmt: skip
     return time.perf_counter() - start

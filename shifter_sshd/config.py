@@ -68,6 +68,9 @@ class Config:
     ssh_cert_max_lifetime: int = 7 * 24 * 3600
     state_path: str = "/run/shifter-sshd"
     kill_grace: float = 5.0
+    max_volumes: int = 64
+    max_image_mounts: int = 256
+    volume_timeout: float = 20.0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def module(self, name: str) -> Module | None:
@@ -107,6 +110,9 @@ KEYS: dict[str, tuple[str, Parser, bool]] = {
     "sshCertMaxLifetime": ("ssh_cert_max_lifetime", v.int_range(60, 366 * 24 * 3600), False),
     "statePath": ("state_path", v.path, False),
     "killGrace": ("kill_grace", v.seconds, False),
+    "maxVolumes": ("max_volumes", v.int_range(0, 10000), False),
+    "maxImageMounts": ("max_image_mounts", v.int_range(1, 100000), False),
+    "volumeTimeout": ("volume_timeout", v.seconds, False),
 }
 
 # module_<name>_<key>: key -> (Module field, parser)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 
 from . import log
+from . import privileged as priv
 from . import users as users_mod
 from .config import Config
-from .errors import node_error
-from .rootfs import TTY_GID
+from .errors import node_error, user_error
+from .rootfs import TTY_GID, Tree
 from .rootpath import Root
 from .users import User
 
@@ -43,19 +44,33 @@ def login_shell(root: Root, user: User) -> str:
     return FALLBACK_SHELL
 
 
-def populate(root: Root, config: Config, user: User, shell: str) -> None:
+def populate(tree: Tree, config: Config, user: User, shell: str) -> None:
+    """Write /etc's files into the /etc overlay, by descriptor (``privileged``)."""
     if config.etc_path:
-        _copy_site_files(root, config.etc_path)
+        _copy_site_files(tree, config.etc_path)
     passwd, groups = _entries(config, user, shell)
-    root.write("/etc/passwd", _merge(root.read("/etc/passwd"), passwd, (0, 2)))
-    root.write("/etc/group", _merge(root.read("/etc/group"), groups, (0, 2)))
-    root.write("/etc/nsswitch.conf", NSSWITCH)
+    with tree.container() as container:
+        image_passwd, image_group = container.read("/etc/passwd"), container.read("/etc/group")
+    write(tree, "passwd", _merge(image_passwd, passwd, (0, 2)))
+    write(tree, "group", _merge(image_group, groups, (0, 2)))
+    write(tree, "nsswitch.conf", NSSWITCH)
     for name in ("hosts", "resolv.conf"):
         try:
             with open(f"/etc/{name}", encoding="utf-8") as handle:
-                root.write(f"/etc/{name}", handle.read())
+                write(tree, name, handle.read())
         except FileNotFoundError:
             log.debug(f"etc: host has no /etc/{name}")
+
+
+def write(tree: Tree, name: str, text: str | bytes, mode: int = 0o644) -> None:
+    """One file in the container's /etc; what the image left there is the user's problem."""
+    data = text.encode() if isinstance(text, str) else text
+    try:
+        priv.write_file(tree.etc, name, data, mode)
+    except IsADirectoryError:
+        raise user_error("image", "a directory stands where a file goes", f"/etc/{name}") from None
+    except OSError as err:
+        raise user_error("image", f"cannot write ({err.strerror})", f"/etc/{name}") from None
 
 
 def _entries(config: Config, user: User, shell: str) -> tuple[list[str], list[str]]:
@@ -93,7 +108,7 @@ def _merge(image_text: str | None, ours: list[str], key_fields: tuple[int, int])
     return "\n".join(kept + ours) + "\n"
 
 
-def _copy_site_files(root: Root, etc_path: str) -> None:
+def _copy_site_files(tree: Tree, etc_path: str) -> None:
     """Copy the site's etcPath files (regular files only, one level) into /etc."""
     try:
         entries = list(os.scandir(etc_path))
@@ -104,4 +119,4 @@ def _copy_site_files(root: Root, etc_path: str) -> None:
             log.debug(f"etc: etcPath: skipping non-file {entry.path}")
             continue
         with open(entry.path, "rb") as handle:
-            root.write(f"/etc/{entry.name}", handle.read(), mode=entry.stat().st_mode & 0o755)
+            write(tree, entry.name, handle.read(), mode=entry.stat().st_mode & 0o755)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from .errors import user_error
 from .job import expand_cpus_per_node
-from .rootpath import Root
 
 
 def expand_nodelist(text: str) -> list[str]:
@@ -88,8 +87,14 @@ ENVIRONMENT = {
 }
 
 
-def write(root: Root, allocation: list[tuple[str, int]]) -> None:
+def write(var_fd: int, allocation: list[tuple[str, int]]) -> None:
     """One line per task (Shifter), ``host slots=N`` (Open MPI), ``host:N`` (MPICH),
-    and one line per node."""
+    and one line per node; written by descriptor into the container's /var."""
+    from . import privileged
+
     for path, render in FILES.items():
-        root.write(path, render(allocation))
+        name = path.removeprefix("/var/")
+        try:
+            privileged.write_file(var_fd, name, render(allocation).encode())
+        except OSError as err:
+            raise user_error("image", f"cannot write ({err.strerror})", path) from None

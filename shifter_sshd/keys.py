@@ -3,7 +3,8 @@
 Shifter generated an RSA key once and kept it in the user's home forever, and ran
 ssh-keygen four times per node per job for host keys. Here every key is derived:
 HKDF-SHA256 over the site secret (``sshKeySecret``, copied to every node like
-munge.key) with the cluster name, job id and restart count gives the job's Ed25519 CA
+munge.key) with the cluster name, job id, restart count and the job user's uid and
+name gives the job's Ed25519 CA
 and the user's Ed25519 key; the node name added gives each node's host key. So every
 node of a job agrees without talking to the others, a requeued job (restart count + 1)
 gets new keys, and without the secret no job can compute another's.
@@ -38,7 +39,7 @@ MIN_SECRET_BYTES = 32
 _MAX_SECRET_FILE = 4096
 
 # Domain separation: the version label starts every HKDF info, the salt names the use.
-_VERSION = "shifter-sshd/keys/v1"
+_VERSION = "shifter-sshd/keys/v2"  # v2: the job user is part of every derivation
 _SALT = b"shifter-sshd per-job ssh keys"
 
 # Certificates start this much before the job did: slurmctld stamps the start time
@@ -225,26 +226,30 @@ class _Job:
     cluster: str
     job_id: int
     restart_count: int
+    uid: int
+    user: str
 
     def key(self, purpose: str, *extra: str) -> Ed25519PrivateKey:
-        info = _info(purpose, self.cluster, self.job_id, self.restart_count, *extra)
-        return _derive_key(self.secret, info)
+        fields = (self.cluster, self.job_id, self.restart_count, self.uid, self.user)
+        return _derive_key(self.secret, _info(purpose, *fields, *extra))
 
     def key_id(self, what: str) -> str:
         """For sshd's logs: which cluster, job, run and user or node."""
         return f"shifter-sshd/{self.cluster}/job-{self.job_id}/restart-{self.restart_count}/{what}"
 
 
-def _job(secret: bytes, cluster: str, job_id: int, restart_count: int) -> _Job:
+def _job(secret: bytes, cluster: str, job_id: int, restart_count: int, uid: int, user: str) -> _Job:
     """Check the job's inputs: bad ones would silently give keys nobody else derives."""
     if len(secret) < MIN_SECRET_BYTES:
         raise node_error("keys", "site secret is too short", f"{len(secret)} bytes")
     if not cluster:
         raise node_error("keys", "cluster name is empty", repr(cluster))
-    for name, number in (("job id", job_id), ("restart count", restart_count)):
+    for name, number in (("job id", job_id), ("restart count", restart_count), ("uid", uid)):
         if not 0 <= number < 2**64:
             raise node_error("keys", f"{name} out of range", number)
-    return _Job(secret, cluster, job_id, restart_count)
+    if not user:
+        raise node_error("keys", "user name is empty", repr(user))
+    return _Job(secret, cluster, job_id, restart_count, uid, user)
 
 
 def _names(what: str, names: Sequence[str]) -> list[bytes]:
@@ -336,9 +341,11 @@ def _certificate(ca: Ed25519PrivateKey, key: Ed25519PrivateKey, req: _CertReques
 # --- the public entry points ------------------------------------------------------------
 
 
-def job_ca_public(secret: bytes, cluster: str, job_id: int, restart_count: int) -> bytes:
+def job_ca_public(
+    secret: bytes, cluster: str, job_id: int, restart_count: int, uid: int, user: str
+) -> bytes:
     """The job CA's public key line, for a client that only needs to trust the job."""
-    job = _job(secret, cluster, job_id, restart_count)
+    job = _job(secret, cluster, job_id, restart_count, uid, user)
     return _public_line(job.key("ca"), job.key_id("ca"))
 
 
@@ -359,6 +366,7 @@ def node_key_set(
     cluster: str,
     job_id: int,
     restart_count: int,
+    uid: int,
     user: str,
     node_name: str,
     host_principals: Sequence[str],
@@ -370,7 +378,7 @@ def node_key_set(
     ``host_principals`` are the names clients may type (host name, FQDN, addresses);
     ``node_name`` is always among them. The window usually comes from :func:`validity`.
     """
-    job = _job(secret, cluster, job_id, restart_count)
+    job = _job(secret, cluster, job_id, restart_count, uid, user)
     _check_window(valid_after, valid_before)
     users = _names("user", [user])
     hosts = _names("host principal", [node_name, *host_principals])

@@ -2,6 +2,10 @@
 
 slurmd discards a prolog's output unless it fails, so syslog is where admins look;
 stderr is for people running a command by hand and for tests.
+
+Messages carry what users chose (paths, image names, environment values), so every
+control character is escaped (``\\n``, ``\\x1b``...): no user can forge a log line
+or a terminal escape in an admin's log viewer.
 """
 
 from __future__ import annotations
@@ -27,7 +31,24 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def escape(text: str) -> str:
+    """Control characters (and lone surrogates from undecodable bytes) made visible."""
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        code = ord(char)
+        if char.isprintable() and not 0xD800 <= code <= 0xDFFF:
+            out.append(char)
+        elif 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for an undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        else:
+            out.append(repr(char)[1:-1] if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 def _emit(priority: int, label: str, message: str) -> None:
+    message = escape(message)
     _open()
     syslog.syslog(priority, message)
     if priority <= syslog.LOG_WARNING or not _quiet:
@@ -51,3 +72,12 @@ def warning(message: str) -> None:
 
 def error(message: str) -> None:
     _emit(syslog.LOG_ERR, "", message)
+
+
+def internal_error(message: str) -> None:
+    """A bug: the message, then the traceback one line at a time (syslog keeps lines)."""
+    import traceback
+
+    error(message)
+    for line in traceback.format_exc().rstrip().splitlines():
+        _emit(syslog.LOG_ERR, "", f"  {line}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -88,6 +89,39 @@ def _belongs(pid: int, root: str, areas: tuple[str, ...], uid: int, cgroup: set[
         return pid in cgroup or _under(os.readlink(f"/proc/{pid}/cwd"), areas)
     except OSError:
         return False  # gone, or a kernel thread
+
+
+def owner(pid: int) -> int:
+    """The uid owning ``pid``, or -1 when it is gone."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return -1
+
+
+def leftover(pid: int, job_id: str) -> bool:
+    """Whether ``pid`` is in no Slurm job's cgroup other than ``job_id``'s."""
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return False
+    jobs = set(re.findall(r"/job_(\d+)(?=/|$)", text, re.MULTILINE))
+    return jobs <= {job_id}
+
+
+def kill_now(pids: list[int], wait: float = 2.0) -> None:
+    """SIGKILL ``pids`` (start time checked) and wait until they are gone."""
+    victims = [Proc(pid, start, "") for pid in pids if (start := start_time(pid)) is not None]
+    _signal(victims, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and any(_alive(p) for p in victims):
+        time.sleep(0.01)
+
+
+def _alive(proc: Proc) -> bool:
+    stat = _stat(proc.pid)
+    return stat is not None and stat[0] == proc.start and stat[2] != "Z"
 
 
 def _signal(procs: list[Proc], sig: int) -> None:

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from . import environment, etc, faults, hostsfile, image, log, rootfs, teardown, users, volumes
 from . import job as job_mod
 from .config import Config, Module, SiteMount
-from .errors import EXIT_NODE, EXIT_OK, Kind, ShifterError, node_error
-from .mounts import Mounter
-from .rootpath import Root
-from .state import JobState, StateStore
+from .errors import EXIT_NODE, EXIT_OK, Kind, ShifterError, node_error, user_error
+from .rootfs import Tree
+from .state import JobState, StateStore, new_state
 
 TYPE_CHECKING = False  # importing typing costs every prolog ~3 ms; mypy knows this name
 if TYPE_CHECKING:
@@ -36,7 +35,7 @@ class Setup:
     job: job_mod.Job
     store: StateStore
     state: JobState
-    mounter: Mounter
+    tree: Tree = field(default_factory=Tree)
     image: image.Record | None = None
     user: users.User | None = None
     volumes: list[SiteMount] = field(default_factory=list)
@@ -47,9 +46,14 @@ class Setup:
     exclusive: bool | None = None  # from slurm.job_details; None: Slurm did not say
     end_time: int | None = None
     job_env: dict[str, str] = field(default_factory=dict)
-    image_dir: str = ""
-    root: Root | None = None
+    job_dirs: list[int] = field(default_factory=list)  # udiMount/<job>, loopMount/<job>
     timings: list[tuple[str, float]] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.tree.close()
+        for fd in self.job_dirs:
+            os.close(fd)
+        self.job_dirs.clear()
 
 
 def step_image(s: Setup) -> None:
@@ -68,10 +72,13 @@ def step_user(s: Setup) -> None:
 
 def step_request(s: Setup) -> None:
     """Everything the user asked for is checked before anything is mounted."""
-    s.volumes = volumes.parse_volumes(s.job.volumes)
+    s.volumes = volumes.parse_volumes(s.job.volumes, s.config.max_volumes)
     s.modules = environment.modules(s.config, s.job.modules)
     assert s.image is not None
     s.env = environment.container_env(s.config, s.image.metadata.env, s.modules)
+    for name, value in s.env.items():
+        if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
+            raise user_error("image", f"control character in the value of {name}", repr(value))
     job = s.job
     s.allocation = hostsfile.slots(job.node_list, job.cpus_per_node, job.node_name)
     _ask_slurm(s)
@@ -127,59 +134,68 @@ def _jobs_on_node(s: Setup) -> list[str]:
 
 
 def step_mount_points(s: Setup) -> None:
-    rootfs.make_mount_points(s.state.root, s.state.scratch)
+    """The job's directories in the two root-owned areas, held by descriptor."""
+    for area in (s.config.udi_mount, s.config.loop_mount):
+        area_fd = rootfs.open_area(area)
+        try:
+            s.job_dirs.append(rootfs.job_dir(area_fd, s.job.job_id))
+        finally:
+            os.close(area_fd)
     s.store.save(s.state)
 
 
 def step_scratch(s: Setup) -> None:
-    rootfs.mount_scratch(s.mounter, s.state.scratch)
+    s.state.scratch_mount_id = rootfs.mount_scratch(s.tree, s.job_dirs[1])
+    s.store.save(s.state)
 
 
 def step_root(s: Setup) -> None:
-    rootfs.mount_root(s.mounter, s.config, s.state.root)
+    assert s.user is not None
+    s.state.root_mount_id = rootfs.mount_root(s.tree, s.config, s.job_dirs[0], s.user.uid)
+    s.store.save(s.state)
 
 
 def step_image_mount(s: Setup) -> None:
     assert s.image is not None
-    s.image_dir = rootfs.mount_image(s.mounter, s.image.path, s.state.scratch)
+    s.state.loop_device = rootfs.mount_image(s.tree, s.image.path)
+    s.store.save(s.state)
 
 
 def step_image_tree(s: Setup) -> None:
-    rootfs.bind_image_tree(s.mounter, s.image_dir, s.state.root)
+    rootfs.bind_image_tree(s.tree, s.config.max_image_mounts)
 
 
 def step_overlays(s: Setup) -> None:
-    rootfs.mount_overlays(s.mounter, s.image_dir, s.state.scratch, s.state.root)
-    s.root = Root(s.state.root)
+    rootfs.mount_overlays(s.tree)
 
 
 def step_etc(s: Setup) -> None:
-    assert s.root is not None and s.user is not None
-    etc.populate(s.root, s.config, s.user, etc.login_shell(s.root, s.user))
+    assert s.user is not None
+    with s.tree.container() as container:
+        shell = etc.login_shell(container, s.user)
+    etc.populate(s.tree, s.config, s.user, shell)
 
 
 def step_system(s: Setup) -> None:
-    rootfs.mount_system(s.mounter, s.state.root)
+    rootfs.mount_system(s.tree)
 
 
 def step_udiimage(s: Setup) -> None:
-    rootfs.mount_udiimage(s.mounter, s.config, s.state.root)
+    rootfs.mount_udiimage(s.tree, s.config)
 
 
 def step_site_fs(s: Setup) -> None:
-    assert s.root is not None
     site_fs = [*s.config.site_fs, *(m for module in s.modules for m in module.site_fs)]
-    volumes.mount_site_fs(s.mounter, s.root, site_fs)
+    volumes.mount_site_fs(s.tree, site_fs)
 
 
 def step_user_volumes(s: Setup) -> None:
-    assert s.root is not None and s.user is not None
-    volumes.mount_user_volumes(s.mounter, s.root, s.user, s.volumes)
+    assert s.user is not None
+    volumes.mount_user_volumes(s.tree, s.user, s.volumes, s.config.volume_timeout)
 
 
 def step_hostsfile(s: Setup) -> None:
-    assert s.root is not None
-    hostsfile.write(s.root, s.allocation)
+    hostsfile.write(s.tree.var, s.allocation)
 
 
 def _sshd_wanted(s: Setup) -> bool:
@@ -200,10 +216,13 @@ def step_ssh_files(s: Setup) -> None:
         return
     from . import sshfiles
 
-    assert s.root is not None and s.user is not None
+    assert s.user is not None
     hosts = [node for node, _tasks in s.allocation]
-    etc_dir = sshfiles.write_etc(s.state.scratch, s.config, s.user, s.key_set, hosts, s.env)
-    sshfiles.install(s.mounter, s.root, etc_dir, s.user, s.key_set)
+    etc_dir = sshfiles.write_etc(s.tree, s.config, s.user, s.key_set, hosts, s.env)
+    try:
+        sshfiles.install(s.tree, etc_dir, s.user, s.key_set)
+    finally:
+        os.close(etc_dir)
 
 
 def step_sshd(s: Setup) -> None:
@@ -211,16 +230,39 @@ def step_sshd(s: Setup) -> None:
         return
     from . import processes, sshd, sshfiles
 
-    assert s.root is not None and s.user is not None
-    pid = sshd.start(s.state.root, s.user, sshfiles.SSHD_LOG)
+    assert s.user is not None
+    _free_port(s, sshd.port_holders(s.config.sshd_port))
+    pid = sshd.start(s.tree.root, s.user, sshfiles.SSHD_LOG)
     s.state.sshd_pid, s.state.sshd_start_time = pid, processes.start_time(pid) or 0
     s.store.save(s.state)
-    log_path = os.path.join(s.state.root, sshfiles.SSHD_LOG.lstrip("/"))
-    sshd.wait_ready(pid, s.config.sshd_port, log_path)
+    sshd.wait_ready(pid, s.config.sshd_port, s.tree.ssh)
+
+
+def _free_port(s: Setup, holders: list[int]) -> None:
+    """A leftover holding the sshd port goes; anyone else's process means no sshd.
+
+    On a node the job has to itself, a user's process outside any other job is a
+    leftover of an earlier job (its epilog never ran): it is killed. A root process
+    on the port is the site's configuration clashing with a service: the node's
+    problem. Anything else is the job's problem: a clear error, and no sshd.
+    """
+    if not holders:
+        return
+    from . import processes, sshd
+
+    port, described = s.config.sshd_port, sshd.describe(holders)
+    if any(processes.owner(pid) == 0 for pid in holders):
+        raise node_error("sshd", f"sshdPort {port} is held by a root process", described)
+    if s.exclusive is not True or not all(processes.leftover(p, s.job.job_id) for p in holders):
+        raise user_error("sshd", f"port {port} is held by another process", described)
+    log.warning(f"prolog: job {s.job.job_id}: killing leftovers holding port {port}: {described}")
+    processes.kill_now(holders)
+    if sshd.port_holders(port):
+        raise user_error("sshd", f"port {port} is still held after killing leftovers", described)
 
 
 def step_finish(s: Setup) -> None:
-    rootfs.finish(s.mounter, s.config, s.state.root)
+    rootfs.finish(s.tree, s.config)
     s.state.complete = True
     s.store.save(s.state)
 
@@ -236,7 +278,7 @@ def step_publish(s: Setup) -> None:
         "env": s.env,
         "workdir": meta.workdir, "entrypoint": meta.entrypoint,
         "sshd_port": s.config.sshd_port if s.key_set is not None else 0,
-    })  # fmt: skip
+    }, s.user.uid)  # fmt: skip
 
 
 STEPS: list[tuple[str, Callable[[Setup], None]]] = [
@@ -265,10 +307,15 @@ STEPS: list[tuple[str, Callable[[Setup], None]]] = [
 
 
 def run_steps(s: Setup) -> None:
+    """Each step in turn. An OSError no step turned into a user's error is the node's."""
     for name, step in STEPS:
         faults.inject(name)
         started = time.perf_counter()
-        step(s)
+        try:
+            step(s)
+        except OSError as err:
+            raise node_error("prolog", f"step {name} failed ({err.strerror})",
+                             err.filename) from None  # fmt: skip
         s.timings.append((name, time.perf_counter() - started))
 
 
@@ -276,19 +323,17 @@ def build(config: Config, job: job_mod.Job, env: dict[str, str] | None = None) -
     """Build the container; on any failure undo everything, then re-raise."""
     store = StateStore(config.state_path)
     root, scratch = rootfs.job_dirs(config, job.job_id)
-    state = JobState(job_id=job.job_id, root=root, scratch=scratch)
-    setup = Setup(config, job, store, state, Mounter(state, store), job_env=dict(env or {}))
+    setup = Setup(config, job, store, new_state(job.job_id, root, scratch),
+                  job_env=dict(env or {}))  # fmt: skip
     try:
         run_steps(setup)
     except BaseException:
-        if setup.root is not None:
-            setup.root.close()
+        setup.close()
         if store.load(job.job_id) is not None and not teardown.teardown(config, store, job.job_id):
             log.error(f"prolog: job {job.job_id}: rollback left mounts behind")
             raise node_error("prolog", "rollback after a failure left mounts", root) from None
         raise
-    if setup.root is not None:
-        setup.root.close()
+    setup.close()
     return setup
 
 
@@ -311,8 +356,8 @@ def main(config_path: str | None = None, env: dict[str, str] | None = None) -> i
     except ShifterError as err:
         return _failed(config, job, err)
     except Exception as err:  # a bug must not drain the node if rollback left it clean
-        log.error(f"shifter-sshd: prolog: job {job.job_id}: internal error: {err!r}")
-        StateStore(config.state_path).write_error(job.job_id, f"internal error: {err!r}")
+        log.internal_error(f"shifter-sshd: prolog: job {job.job_id}: internal error: {err!r}")
+        StateStore(config.state_path).write_error(job.job_id, f"internal error: {err!r}", job.uid)
         return EXIT_OK
     _report(setup, time.perf_counter() - started)
     return EXIT_OK
@@ -321,7 +366,7 @@ def main(config_path: str | None = None, env: dict[str, str] | None = None) -> i
 def _failed(config: Config, job: job_mod.Job, err: ShifterError) -> int:
     log.error(f"{err} (job {job.job_id})")
     if err.kind == Kind.USER:
-        StateStore(config.state_path).write_error(job.job_id, str(err))
+        StateStore(config.state_path).write_error(job.job_id, str(err), job.uid)
         return EXIT_OK
     return EXIT_NODE
 

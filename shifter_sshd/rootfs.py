@@ -1,156 +1,346 @@
 """The container root: a tmpfs with the image bound in, writable /etc and /var, /dev.
 
-Layout for job J (FINDINGS, "Container root and devpts"):
+Layout for job J::
 
-    loopMount/J            tmpfs (scratch): never visible inside the container
+    loopMount/J            tmpfs (scratch, 0700): never visible inside the container
     loopMount/J/image      the image's squashfs, loop-mounted ro,nosuid,nodev
     loopMount/J/{etc,var}.{upper,work}   the writable layers of /etc and /var
-    udiMount/J             tmpfs: the container's /
+    udiMount/J             tmpfs: the container's /, 0750 root plus an ACL entry for
+                           the job user: nobody else reaches anything below it
       /usr /home ...       the image's top-level directories, bound ro,nosuid,nodev
       /etc /var            overlays: the image's, plus what the prolog writes
       /opt/udiImage        optUdiImage, read-only
-      /proc /sys /dev      proc, /sys (rbind, slave), /dev with a new devpts instance
+      /proc /sys /dev      proc, /sys (recursive, read-only), /dev with its own devpts
       /tmp /dev/shm        tmpfs
+
+Every mount is made detached with its flags and attached on a directory descriptor
+(``privileged``); the descriptors of the mounts later steps write into are kept in
+``Tree``. Only two mounts are attached in root-owned host directories (the root
+and scratch tmpfs); everything else hangs below them, so teardown detaches two
+trees.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass, field
 
-from . import log
+from . import privileged as priv
 from . import syscalls as sc
 from .config import Config
-from .errors import node_error
-from .mounts import NOSUID_NODEV, Mounter
+from .errors import node_error, user_error
 from .rootpath import Root
 
 # Top-level names the prolog provides itself instead of binding the image's.
 PROVIDED = frozenset({"etc", "var", "tmp", "proc", "sys", "dev", "opt"})
 TTY_GID = 5
+RO = sc.MOUNT_ATTR_RDONLY | priv.NOSUID_NODEV
+SCRATCH_DIRS = ("image", "etc.upper", "etc.work", "var.upper", "var.work", "empty")
+
+
+@dataclass
+class Tree:
+    """Descriptors of one job's mounts, for the steps that mount or write into them."""
+
+    root: int = -1  # the container's / (mount descriptor)
+    scratch: int = -1
+    image: int = -1  # the squashfs
+    etc: int = -1  # the /etc and /var overlays
+    var: int = -1
+    dev: int = -1
+    udi: int = -1  # /opt/udiImage
+    ssh: int = -1  # /var/shifter/ssh, the user's: sshd's log is read through it
+    root_id: int = 0
+    image_mounts: set[int] = field(default_factory=set)  # immutable: squashfs binds
+    volume_mounts: set[int] = field(default_factory=set)  # the user's --volume binds
+    mounts: int = 0  # how many the tree holds, for the log
+
+    def close(self) -> None:
+        for name in ("root", "scratch", "image", "etc", "var", "dev", "udi", "ssh"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def container(self) -> Root:
+        """The container root for in-root lookups."""
+        return Root(self.root)
 
 
 def job_dirs(config: Config, job_id: str) -> tuple[str, str]:
-    """(container root, scratch) for a job."""
+    """(container root, scratch) for a job, as host paths (for the state and logs)."""
     return os.path.join(config.udi_mount, job_id), os.path.join(config.loop_mount, job_id)
 
 
-def make_mount_points(root: str, scratch: str) -> None:
-    for path in (root, scratch):
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        try:
-            os.mkdir(path, 0o755)
-        except FileExistsError:
-            if os.path.islink(path) or not os.path.isdir(path):
-                raise node_error("rootfs", "mount point is not a directory", path) from None
+def open_area(path: str) -> int:
+    """udiMount or loopMount: made if missing; must be root's and writable by root only.
 
-
-def mount_scratch(m: Mounter, scratch: str) -> None:
-    m.fs("tmpfs", "shifter-scratch", scratch, NOSUID_NODEV, "mode=0700")
-    for sub in ("image", "etc.upper", "etc.work", "var.upper", "var.work", "empty"):
-        os.mkdir(os.path.join(scratch, sub), 0o755)
-
-
-def mount_root(m: Mounter, config: Config, root: str) -> None:
-    m.fs(config.rootfs_type, "shifter-root", root, NOSUID_NODEV, "mode=0755")
-
-
-def mount_image(m: Mounter, image_file: str, scratch: str) -> str:
-    """Loop-mount the squashfs; returns where the image's / now is."""
-    target = os.path.join(scratch, "image")
+    A directory others can write could have its job directory swapped; refuse it.
+    """
+    os.makedirs(path, mode=0o755, exist_ok=True)
     try:
-        device, device_fd = sc.attach_loop(image_file)
+        fd = sc.openat2(sc.AT_FDCWD, path, os.O_PATH | os.O_DIRECTORY, sc.RESOLVE_NO_SYMLINKS)
     except OSError as err:
-        what = f"cannot attach a loop device ({err.strerror})"
-        raise node_error("image mount", what, image_file) from None
-    m.state.loop_device = device
+        raise node_error("rootfs", f"mount area unusable ({err.strerror})", path) from None
+    info = os.fstat(fd)
+    if info.st_uid != 0 or info.st_mode & 0o022:
+        os.close(fd)
+        raise node_error("rootfs", "mount area must be owned by root, not group/other-writable",
+                         path)  # fmt: skip
+    return fd
+
+
+def job_dir(area_fd: int, job_id: str) -> int:
+    """The job's directory in an area, root-owned 0700 (a mount covers it)."""
     try:
-        m.fs("squashfs", device, target, sc.MS_RDONLY | NOSUID_NODEV)
+        return priv.make_dir(area_fd, job_id, 0o700)
+    except OSError as err:
+        raise node_error("rootfs", f"job directory unusable ({err.strerror})", job_id) from None
+
+
+def _tmpfs(mode: str, attrs: int = priv.NOSUID_NODEV, size: str = "") -> int:
+    options = {"source": "shifter-sshd", "mode": mode, **({"size": size} if size else {})}
+    return priv.new_mount("tmpfs", options, attrs)
+
+
+def mount_scratch(tree: Tree, target_fd: int) -> int:
+    """The scratch tmpfs (0700: root only); returns its mount id."""
+    mount = _tmpfs("0700")
+    mount_id = priv.attach(mount, target_fd)
+    tree.scratch = mount
+    for name in SCRATCH_DIRS:
+        os.close(priv.make_dir(mount, name))
+    tree.mounts += 1
+    return mount_id
+
+
+def mount_root(tree: Tree, config: Config, target_fd: int, uid: int) -> int:
+    """The container's / : 0750 root plus ``user:<uid>:r-x``, set before it is attached."""
+    fstype = config.rootfs_type
+    options = {"source": "shifter-sshd", "mode": "0750"}
+    mount = priv.new_mount(fstype, options, priv.NOSUID_NODEV)
+    try:
+        priv.grant_traverse(mount, uid)
+    except OSError as err:
+        os.close(mount)
+        raise node_error("rootfs", f"cannot set the root's ACL ({err.strerror}; {fstype} "
+                         "needs POSIX ACL support)", config.udi_mount) from None  # fmt: skip
+    tree.root_id = priv.attach(mount, target_fd)
+    tree.root = mount
+    tree.mounts += 1
+    return tree.root_id
+
+
+def mount_image(tree: Tree, image_file: str) -> str:
+    """Loop-mount the squashfs at scratch/image; returns the loop device."""
+    try:
+        backing = os.open(image_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as err:
+        raise node_error("image mount", f"cannot open ({err.strerror})", image_file) from None
+    try:
+        device, device_fd = sc.attach_loop(backing, image_file)
+    except OSError as err:
+        raise node_error("image mount", f"cannot attach a loop device ({err.strerror})",
+                         image_file) from None  # fmt: skip
+    finally:
+        os.close(backing)
+    try:
+        options = {"source": device}  # /dev is root's: the name cannot be redirected
+        mount = priv.new_mount("squashfs", options, RO)
+    except OSError as err:  # the store's file is not a squashfs the kernel accepts
+        raise user_error("image mount", f"image cannot be mounted ({err.strerror})",
+                         image_file) from None  # fmt: skip
     finally:
         os.close(device_fd)  # the mount holds the device now; autoclear frees it with it
-    return target
-
-
-def bind_image_tree(m: Mounter, image_dir: str, root: str) -> None:
-    """Bind the image's top-level directories; copy its top-level symlinks (merged /usr)."""
-    for entry in os.scandir(image_dir):
-        if entry.name in PROVIDED:
-            continue
-        _place(m, entry, root)
-    with Root(image_dir) as image:
-        if image.exists("/opt"):
-            os.mkdir(os.path.join(root, "opt"), 0o755)
-            for entry in os.scandir(image.real("/opt")):
-                if entry.name != "udiImage":
-                    _place(m, entry, os.path.join(root, "opt"))
-
-
-def _place(m: Mounter, entry: os.DirEntry[str], parent: str) -> None:
-    target = os.path.join(parent, entry.name)
-    if entry.is_symlink():
-        os.symlink(os.readlink(entry.path), target)
-    elif entry.is_dir(follow_symlinks=False):
-        os.mkdir(target, 0o755)
-        m.bind(entry.path, target, read_only=True, kind="image")
-    else:
-        log.debug(f"rootfs: skipping image top-level entry that is not a directory: {entry.name}")
-
-
-def mount_overlays(m: Mounter, image_dir: str, scratch: str, root: str) -> None:
-    """/etc and /var: the image's, writable, with the changes kept in scratch."""
-    with Root(image_dir) as image:
-        for name in ("etc", "var"):
-            lower = _image_dir_or_empty(image, name, scratch)
-            target = os.path.join(root, name)
-            os.mkdir(target, 0o755)
-            upper, work = (os.path.join(scratch, f"{name}.{part}") for part in ("upper", "work"))
-            options = f"lowerdir={lower},upperdir={upper},workdir={work}"
-            m.fs("overlay", f"shifter-{name}", target, NOSUID_NODEV, options)
-
-
-def _image_dir_or_empty(image: Root, name: str, scratch: str) -> str:
+    target = priv.open_entry(tree.scratch, "image")
     try:
-        real = image.real(name)
+        priv.attach(mount, target)
+    finally:
+        os.close(target)
+    tree.image = mount
+    tree.mounts += 1
+    return device
+
+
+def bind_image_tree(tree: Tree, limit: int) -> None:
+    """Bind the image's top-level directories; copy its top-level symlinks (merged /usr)."""
+    image = priv.reopen_dir(tree.image)
+    opt, opt_names = _image_opt(tree)
+    try:
+        names = [name for name in os.listdir(image) if name not in PROVIDED]
+        if len(names) + len(opt_names) > limit:
+            raise user_error("image", f"more than {limit} top-level directories to bind "
+                             "(maxImageMounts)", len(names) + len(opt_names))  # fmt: skip
+        for name in names:
+            _place(tree, image, name, tree.root)
+        if opt >= 0:
+            target = priv.make_dir(tree.root, "opt")
+            try:
+                for name in opt_names:
+                    _place(tree, opt, name, target)
+            finally:
+                os.close(target)
+    finally:
+        os.close(image)
+        if opt >= 0:
+            os.close(opt)
+
+
+def _image_opt(tree: Tree) -> tuple[int, list[str]]:
+    """The image's /opt (resolved inside the image) and its entries but udiImage."""
+    try:
+        with Root(tree.image) as image:
+            fd = image.open("opt", os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        real = ""
-    if real and stat.S_ISDIR(os.stat(real).st_mode) and "," not in real and ":" not in real:
-        return real
-    log.info(f"rootfs: image has no usable /{name}; starting from an empty one")
-    return os.path.join(scratch, "empty")
+        return -1, []
+    return fd, [name for name in os.listdir(fd) if name != "udiImage"]
 
 
-def mount_system(m: Mounter, root: str) -> None:
+def _place(tree: Tree, parent: int, name: str, target_parent: int) -> None:
+    try:
+        info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if stat.S_ISLNK(info.st_mode):
+            priv.symlink(target_parent, name, os.readlink(name, dir_fd=parent))
+        elif stat.S_ISDIR(info.st_mode):
+            source = priv.open_entry(parent, name)
+            try:
+                mount = priv.clone(source, RO, recursive=False)
+            finally:
+                os.close(source)
+            target = priv.make_dir(target_parent, name)
+            try:
+                tree.image_mounts.add(priv.attach(mount, target))
+                tree.mounts += 1
+            finally:
+                os.close(target)
+                os.close(mount)
+    except OSError as err:
+        raise user_error("image", f"cannot place a top-level entry ({err.strerror})",
+                         name) from None  # fmt: skip
+
+
+def mount_overlays(tree: Tree) -> None:
+    """/etc and /var: the image's, writable, with the changes kept in scratch."""
+    for name in ("etc", "var"):
+        lower = _image_dir_or_empty(tree, name)
+        layers = {"lowerdir": lower}
+        for part in ("upper", "work"):
+            layers[f"{part}dir"] = priv.open_entry(tree.scratch, f"{name}.{part}")
+        try:
+            options = {"source": f"shifter-{name}"} | {k: sc.fd_path(v) for k, v in layers.items()}
+            try:
+                mount = priv.new_mount("overlay", options, priv.NOSUID_NODEV)
+            except OSError as err:
+                raise user_error("image", f"cannot overlay the image's /{name} "
+                                 f"({err.strerror})", name) from None  # fmt: skip
+            target = priv.make_dir(tree.root, name)
+            try:
+                priv.attach(mount, target)
+            finally:
+                os.close(target)
+        finally:
+            for fd in layers.values():
+                os.close(fd)
+        setattr(tree, name, mount)
+        tree.mounts += 1
+
+
+def _image_dir_or_empty(tree: Tree, name: str) -> int:
+    """The image's /etc or /var (resolved inside the image), else scratch/empty."""
+    try:
+        with Root(tree.image) as image:
+            return image.open(name, os.O_PATH | os.O_DIRECTORY)
+    except OSError:
+        from . import log
+
+        log.info(f"rootfs: image has no usable /{name}; starting from an empty one")
+        return priv.open_entry(tree.scratch, "empty")
+
+
+def mount_system(tree: Tree) -> None:
     """proc, sys, dev with a new devpts instance, /dev/shm and /tmp."""
-    for name in ("proc", "sys", "dev", "tmp"):
-        os.mkdir(os.path.join(root, name), 0o755)
-    m.fs("proc", "proc", f"{root}/proc", NOSUID_NODEV | sc.MS_NOEXEC)
-    m.bind("/sys", f"{root}/sys", read_only=True, flags=NOSUID_NODEV | sc.MS_NOEXEC,
-           recursive=True, kind="sys")  # fmt: skip
-    m.bind("/dev", f"{root}/dev", read_only=False, flags=sc.MS_NOSUID, kind="dev")
+    no_exec = priv.NOSUID_NODEV | sc.MOUNT_ATTR_NOEXEC
+    _attach_new(tree, tree.root, "proc", priv.new_mount("proc", {"source": "proc"}, no_exec))
+    _attach_new(tree, tree.root, "sys", _clone_host("/sys", RO | sc.MOUNT_ATTR_NOEXEC, True))
+    tree.dev = _clone_host("/dev", sc.MOUNT_ATTR_NOSUID, False)
+    _attach_new(tree, tree.root, "dev", tree.dev, keep=True)
     # A private devpts: the container's ptys are not the host's, and a non-root sshd
     # can chown its pty to (uid, tty) only if the instance's gid is the tty group.
-    m.fs("devpts", "devpts", f"{root}/dev/pts", sc.MS_NOSUID | sc.MS_NOEXEC,
-         f"newinstance,gid={TTY_GID},mode=620,ptmxmode=0666")  # fmt: skip
-    m.bind(f"{root}/dev/pts/ptmx", f"{root}/dev/ptmx", read_only=False, flags=sc.MS_NOSUID,
-           kind="ptmx")  # fmt: skip
-    m.fs("tmpfs", "shm", f"{root}/dev/shm", NOSUID_NODEV, "mode=1777")
-    m.fs("tmpfs", "tmp", f"{root}/tmp", NOSUID_NODEV, "mode=1777")
+    options = {"source": "devpts", "gid": str(TTY_GID), "mode": "620", "ptmxmode": "0666"}
+    devpts = priv.new_mount("devpts", options, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC)
+    _attach_existing(tree, tree.dev, "pts", devpts, keep=True)
+    try:
+        if stat.S_ISCHR(os.stat("ptmx", dir_fd=tree.dev, follow_symlinks=False).st_mode):
+            ptmx = priv.open_entry(devpts, "ptmx")  # a symlink to pts/ptmx needs nothing
+            try:
+                mount = priv.clone(ptmx, sc.MOUNT_ATTR_NOSUID, False)
+            finally:
+                os.close(ptmx)
+            _attach_existing(tree, tree.dev, "ptmx", mount)
+    finally:
+        os.close(devpts)
+    _attach_existing(tree, tree.dev, "shm", _tmpfs("1777"))
+    _attach_new(tree, tree.root, "tmp", _tmpfs("1777"))
 
 
-def mount_udiimage(m: Mounter, config: Config, root: str) -> bool:
+def _clone_host(path: str, attrs: int, recursive: bool) -> int:
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return priv.clone(fd, attrs, recursive)
+    finally:
+        os.close(fd)
+
+
+def _attach_new(tree: Tree, parent: int, name: str, mount: int, keep: bool = False) -> int:
+    """Attach ``mount`` on a directory made (or found) in ``parent``."""
+    target = priv.make_dir(parent, name)
+    return _attach(tree, target, mount, keep)
+
+
+def _attach_existing(tree: Tree, parent: int, name: str, mount: int, keep: bool = False) -> int:
+    """Attach ``mount`` on an entry that must already exist in ``parent`` (host /dev)."""
+    try:
+        target = priv.open_entry(parent, name)
+    except OSError as err:
+        os.close(mount)
+        raise node_error("rootfs", f"/dev/{name} unusable ({err.strerror})", name) from None
+    return _attach(tree, target, mount, keep)
+
+
+def _attach(tree: Tree, target: int, mount: int, keep: bool) -> int:
+    try:
+        mount_id = priv.attach(mount, target)
+    finally:
+        os.close(target)
+        if not keep:
+            os.close(mount)
+    tree.mounts += 1
+    return mount_id
+
+
+def mount_udiimage(tree: Tree, config: Config) -> bool:
     """optUdiImage read-only at /opt/udiImage; False when the site has none."""
-    if not os.path.isdir(config.opt_udi_image):
+    try:
+        source = os.open(config.opt_udi_image, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
         if config.enable_sshd:
             raise node_error("udiImage", "optUdiImage missing (run shifter-sshd udiimage build)",
-                             config.opt_udi_image)  # fmt: skip
-        log.debug("rootfs: no optUdiImage; /opt/udiImage stays empty")
+                             config.opt_udi_image) from None  # fmt: skip
         return False
-    target = os.path.join(root, "opt", "udiImage")
-    os.makedirs(target, mode=0o755, exist_ok=True)
-    m.bind(config.opt_udi_image, target, read_only=True, kind="udiImage")
+    try:
+        mount = priv.clone(source, RO, recursive=False)
+    finally:
+        os.close(source)
+    opt = priv.make_dir(tree.root, "opt")
+    try:
+        tree.udi = mount
+        _attach_new(tree, opt, "udiImage", mount, keep=True)
+    finally:
+        os.close(opt)
     return True
 
 
-def finish(m: Mounter, config: Config, root: str) -> None:
+def finish(tree: Tree, config: Config) -> None:
     if not config.mount_udi_root_writable:
-        m.remount_read_only(root)
+        priv.set_read_only(tree.root)

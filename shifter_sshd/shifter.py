@@ -219,6 +219,9 @@ def load_container(environ: Mapping[str, str]) -> Container:
             text = handle.read()
     except FileNotFoundError:
         raise _no_container(directory, job_id) from None
+    except PermissionError:  # the prolog gives the description to the job's owner alone
+        raise ShifterError(f"job {job_id}", "the container belongs to another user, not to "
+                           "you", os.getuid()) from None  # fmt: skip
     except OSError as err:
         what = f"cannot read the container description ({err.strerror})"
         raise ShifterError("job", what, job_id) from None

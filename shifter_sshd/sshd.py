@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import socket
+import stat
 import time
 
-from .errors import node_error
+from . import privileged as priv
+from .errors import node_error, user_error
 from .users import User
 
 SSHD = "/opt/udiImage/libexec/sshd"
@@ -48,8 +51,12 @@ def _drop_privileges(user: User, last: int) -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
-def start(root: str, user: User, log_inside: str) -> int:
-    """Fork sshd inside ``root``; returns its pid (sshd -D does not fork again)."""
+def start(root_fd: int, user: User, log_inside: str, timeout: float = 10.0) -> int:
+    """Fork sshd inside the root ``root_fd`` names; returns its pid (sshd -D stays put).
+
+    The child reports a failure before exec through a pipe that closes on exec. Once
+    it has the user's uid the user may signal it, so the wait has a deadline.
+    """
     last_cap = _last_cap()  # read before chroot: nothing of the host is reachable after
     env = {"PATH": "/opt/udiImage/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
            "OPENSSL_CONF": "/opt/udiImage/share/openssl.cnf"}  # fmt: skip
@@ -60,14 +67,14 @@ def start(root: str, user: User, log_inside: str) -> int:
         try:
             os.close(errors_r)
             os.setsid()
+            os.fchdir(root_fd)  # before closing: then no descriptor of ours survives
             null = os.open("/dev/null", os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.closerange(3, errors_w)
             os.closerange(errors_w + 1, 65536)
             os.set_inheritable(errors_w, False)  # closes itself on exec: success
-            os.chroot(root)
-            os.chdir("/")
+            os.chroot(".")
             _drop_privileges(user, last_cap)
             os.execve(SSHD, argv, env)  # noqa: S606 - argv is ours, no shell involved
         except BaseException as err:  # report to the parent, never return into Python
@@ -75,52 +82,65 @@ def start(root: str, user: User, log_inside: str) -> int:
         finally:
             os._exit(127)
     os.close(errors_w)
-    with os.fdopen(errors_r, "rb") as pipe:
-        failure = pipe.read().decode(errors="replace")
+    try:
+        failure = _read_until_exec(errors_r, pid, timeout)
+    finally:
+        os.close(errors_r)
     if failure:
         os.waitpid(pid, 0)
         raise node_error("sshd", "cannot start", failure)
     return pid
 
 
-def wait_ready(pid: int, port: int, log_host_path: str, timeout: float = 10.0) -> None:
-    """Until the port answers with an SSH banner; quote sshd's log if it died instead."""
+def _read_until_exec(fd: int, pid: int, timeout: float) -> str:
+    """What the child wrote before exec ('' once exec closed the pipe)."""
+    chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            raise node_error("sshd", f"exited at start ({_status(status)})", _tail(log_host_path))
-        if _banner(port) and _listens(pid, port):
-            return
-        time.sleep(0.005)
-    raise node_error("sshd", f"no SSH banner on port {port} after {timeout:.0f} s",
-                     _tail(log_host_path))  # fmt: skip
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks).decode(errors="replace")
+        chunks.append(chunk)
+    stopped = _state(pid) in ("T", "t")
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    if stopped:
+        raise user_error("sshd", "stopped by a signal before it started", pid)
+    raise node_error("sshd", f"did not start within {timeout:g} s", pid)
 
 
-def _banner(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            return sock.recv(64).startswith(b"SSH-2.0-")
-    except OSError:
-        return False
+def port_holders(port: int) -> list[int]:
+    """Pids holding a listening TCP socket on ``port`` (any address, v4 or v6)."""
+    inodes = {inode for _addr, inode in _listeners(port)}
+    if not inodes:
+        return []
+    holders = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _holds(int(entry), inodes):
+            holders.append(int(entry))
+    return holders
 
 
-def _listens(pid: int, port: int) -> bool:
-    """Whether the banner came from our sshd: it holds the listening socket on ``port``.
-
-    Another process holding the port would answer too, and our sshd would die on
-    ``Address already in use`` a moment later.
-    """
-    inodes = set()
+def _listeners(port: int) -> list[tuple[str, str]]:
+    """(local address, socket inode) of every LISTEN socket on ``port``."""
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table, encoding="ascii") as handle:
-                for line in handle.readlines()[1:]:
-                    fields = line.split()
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(f"socket:[{fields[9]}]")
+                lines = handle.readlines()[1:]
         except OSError:
             continue
+        for line in lines:
+            fields = line.split()
+            address, _sep, hex_port = fields[1].rpartition(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:
+                found.append((address, f"socket:[{fields[9]}]"))
+    return found
+
+
+def _holds(pid: int, inodes: set[str]) -> bool:
     try:
         return any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
                    for fd in os.listdir(f"/proc/{pid}/fd"))  # fmt: skip
@@ -128,18 +148,98 @@ def _listens(pid: int, port: int) -> bool:
         return False
 
 
-def _status(status: int) -> str:
+def wait_ready(pid: int, port: int, ssh_dir: int, timeout: float = 10.0) -> None:
+    """Until our sshd holds the IPv4 listener on ``port`` and it answers with a banner.
+
+    Whose fault a failure is decides whether the node drains: sshd killed or stopped
+    (it runs as the user, who may signal it), or the port taken by someone else, is
+    the job's problem; sshd failing on its own is the node's.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            _exited(status, port, _tail(ssh_dir))
+        if _state(pid) in ("T", "t"):
+            raise user_error("sshd", "stopped by a signal during start-up", pid)
+        address = _our_ipv4_listener(pid, port)
+        if address is not None and _banner(address, port):
+            return
+        if address is None and _v4_taken_by_other(pid, port):
+            raise user_error("sshd", f"port {port} is held by another process",
+                             describe(port_holders(port)))  # fmt: skip
+        time.sleep(0.005)
+    raise node_error("sshd", f"no SSH banner on port {port} after {timeout:.0f} s",
+                     _tail(ssh_dir))  # fmt: skip
+
+
+def _exited(status: int, port: int, tail: str) -> None:
     if os.WIFSIGNALED(status):
-        return f"signal {os.WTERMSIG(status)}"
-    return f"exit {os.WEXITSTATUS(status)}"
+        raise user_error("sshd", "killed during start-up", f"signal {os.WTERMSIG(status)}")
+    if "Address already in use" in tail:
+        raise user_error("sshd", f"port {port} is held by another process", tail)
+    raise node_error("sshd", f"exited at start (exit {os.WEXITSTATUS(status)})", tail)
 
 
-def _tail(path: str, lines: int = 5) -> str:
+def _our_ipv4_listener(pid: int, port: int) -> str | None:
+    """The IPv4 address our sshd listens on (as a dotted quad), or None."""
+    ours = {inode for _address, inode in _listeners(port) if _holds(pid, {inode})}
+    for address, inode in _listeners(port):
+        if inode in ours and len(address) == 8:  # /proc/net/tcp: little-endian hex
+            dotted = socket.inet_ntoa(bytes.fromhex(address)[::-1])
+            return "127.0.0.1" if dotted == "0.0.0.0" else dotted  # noqa: S104
+    return None
+
+
+def _v4_taken_by_other(pid: int, port: int) -> bool:
+    """Whether an IPv4 listener on ``port`` exists that is not our sshd's."""
+    return any(len(address) == 8 and not _holds(pid, {inode})
+               for address, inode in _listeners(port))  # fmt: skip
+
+
+def describe(pids: list[int]) -> str:
+    """``pid 12 (sshd, uid 2901), ...`` for messages."""
+    parts = []
+    for pid in pids:
+        try:
+            uid = os.stat(f"/proc/{pid}").st_uid
+            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as handle:
+                parts.append(f"pid {pid} ({handle.read().strip()}, uid {uid})")
+        except OSError:
+            continue
+    return ", ".join(parts) or "unknown"
+
+
+def _state(pid: int) -> str:
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            text = handle.read()[-4000:]
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return ""
+    return raw[raw.rfind(b")") + 2 :][:1].decode()
+
+
+def _banner(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=1) as sock:
+            return sock.recv(64).startswith(b"SSH-2.0-")
+    except OSError:
+        return False
+
+
+def _tail(ssh_dir: int, lines: int = 5) -> str:
+    """The end of sshd's log, read by descriptor: the user owns that directory."""
+    try:
+        fd = priv.open_entry(ssh_dir, "sshd.log", os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return "(no sshd log)"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "(sshd log is not a file)"
+        size = os.fstat(fd).st_size
+        text = os.pread(fd, 4000, max(0, size - 4000)).decode(errors="replace")
+    finally:
+        os.close(fd)
     return " | ".join(text.strip().splitlines()[-lines:]) or "(empty sshd log)"
 
 

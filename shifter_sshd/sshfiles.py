@@ -2,21 +2,26 @@
 
 Nothing goes to the user's home directory. The per-job etc (sshd_config, ssh_config,
 known_hosts, host key and certificate, the user CA) is written to the job's scratch
-area and bound read-only over /opt/udiImage/etc; the user's identity goes to
-/var/shifter/ssh inside the container, owned by the user, 0600.
+area and bound read-only over /opt/udiImage/etc. The user's identity goes to
+/var/shifter/ssh, on a small tmpfs of its own mounted at /var/shifter: whatever the
+image has there is covered, so nothing of the image decides where keys or sshd's log
+go. The directory is root's while the keys are written and the user's afterwards.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 
 from . import keys, sshconfig
+from . import privileged as priv
+from . import syscalls as sc
 from .config import Config
-from .errors import node_error
+from .errors import node_error, user_error
 from .job import Job
-from .mounts import Mounter
+from .rootfs import RO, Tree
 from .rootpath import Root
 from .users import User
 
@@ -44,18 +49,16 @@ def derive(config: Config, job: Job, user: User, end_time: int | None) -> keys.N
     valid_after, valid_before = keys.validity(
         int(time.time()), end_time, config.ssh_cert_grace, config.ssh_cert_max_lifetime
     )
-    return keys.node_key_set(secret, cluster, int(job.job_id), job.restart_count, user.name,
-                             job.node_name, host_principals(job.node_name),
+    return keys.node_key_set(secret, cluster, int(job.job_id), job.restart_count, user.uid,
+                             user.name, job.node_name, host_principals(job.node_name),
                              valid_after, valid_before)  # fmt: skip
 
 
 def write_etc(
-    scratch: str, config: Config, user: User, key_set: keys.NodeKeySet,
+    tree: Tree, config: Config, user: User, key_set: keys.NodeKeySet,
     hosts: list[str], env: dict[str, str],
-) -> str:  # fmt: skip
-    """Render and write the per-job etc into scratch; returns its host path."""
-    etc_dir = os.path.join(scratch, "udiImage-etc")
-    os.mkdir(etc_dir, 0o755)
+) -> int:  # fmt: skip
+    """Render and write the per-job etc into scratch; returns its directory descriptor."""
     bundle = config.opt_udi_image
     sshd = sshconfig.SshdSettings(user=user.name, port=config.sshd_port, environment=env)
     client = sshconfig.SshClientSettings(hosts=hosts, port=config.sshd_port, user=user.name)
@@ -69,41 +72,95 @@ def write_etc(
         "ssh_host_ed25519_key.pub": (key_set.host_public, 0o644),
         "ssh_user_ca.pub": (key_set.ca_public, 0o644),
     }  # fmt: skip
+    etc_dir = priv.make_dir(tree.scratch, "udiImage-etc")
     for name, (data, mode) in files.items():
-        fd = os.open(os.path.join(etc_dir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            os.write(fd, data)
-            # sshd runs as the user and must read its host key; nobody else may.
-            os.fchown(fd, user.uid if mode == 0o600 else 0, user.gid if mode == 0o600 else 0)
-        finally:
-            os.close(fd)
+        # sshd runs as the user and must read its host key; nobody else may.
+        owner = (user.uid, user.gid) if mode == 0o600 else (0, 0)
+        priv.write_file(etc_dir, name, data, mode, owner)
     return etc_dir
 
 
-def install(m: Mounter, root: Root, etc_dir: str, user: User, key_set: keys.NodeKeySet) -> None:
+def install(tree: Tree, etc_dir: int, user: User, key_set: keys.NodeKeySet) -> None:
     """Bind the per-job etc, write the user's identity, put our ssh over the image's."""
-    m.bind(etc_dir, root.real("/opt/udiImage/etc"), read_only=True, kind="udiImage etc")
+    mount = priv.clone(etc_dir, RO, recursive=False)
+    target = priv.open_entry(tree.udi, "etc")
+    try:
+        priv.attach(mount, target)
+    finally:
+        os.close(target)
+        os.close(mount)
+    tree.ssh = _user_ssh_dir(tree)
     owner = (user.uid, user.gid)
-    root.makedirs("/var/shifter", 0o755)
-    ssh_dir = root.makedirs(USER_SSH_DIR, 0o700)
-    os.chown(ssh_dir, *owner)
-    os.chmod(ssh_dir, 0o700)
-    root.write(sshconfig.USER_KEY, key_set.user_private, mode=0o600, owner=owner)
-    root.write(sshconfig.USER_CERT, key_set.user_certificate, mode=0o644, owner=owner)
-    root.write(f"{sshconfig.USER_KEY}.pub", key_set.user_public, mode=0o644, owner=owner)
-    _cover_image_clients(m, root)
+    for path, data, mode in (
+        (sshconfig.USER_KEY, key_set.user_private, 0o600),
+        (sshconfig.USER_CERT, key_set.user_certificate, 0o644),
+        (f"{sshconfig.USER_KEY}.pub", key_set.user_public, 0o644),
+    ):
+        priv.write_file(tree.ssh, os.path.basename(path), data, mode, owner)
+    priv.set_owner(tree.ssh, user.uid, user.gid, 0o700)  # last: the files are in place
+    _cover_image_clients(tree)
 
 
-def _cover_image_clients(m: Mounter, root: Root) -> None:
-    """The image's ssh would speak other algorithms and ignore the job CA: cover it."""
-    done: set[str] = set()
-    for client in CLIENTS:
-        ours = root.real(f"/opt/udiImage/bin/{client}")
-        for directory in ("/usr/bin", "/bin", "/usr/local/bin"):
-            path = f"{directory}/{client}"
-            if not root.is_file(path):
-                continue
-            real = root.real(path)
-            if real not in done:
-                m.bind(ours, real, read_only=True, kind="ssh client")
-                done.add(real)
+def _user_ssh_dir(tree: Tree) -> int:
+    """/var/shifter: a fresh tmpfs over whatever the image has there; ``ssh`` made in it."""
+    try:
+        target = priv.make_dir(tree.var, "shifter")
+    except OSError:  # a file or symlink of the image's: it goes (in the /var overlay only)
+        try:
+            os.unlink("shifter", dir_fd=tree.var)
+            target = priv.make_dir(tree.var, "shifter")
+        except OSError as err:
+            raise user_error("image", f"cannot make /var/shifter ({err.strerror})",
+                             USER_SSH_DIR) from None  # fmt: skip
+    options = {"source": "shifter-sshd", "mode": "0755", "size": "16m"}
+    mount = priv.new_mount("tmpfs", options, priv.NOSUID_NODEV | sc.MOUNT_ATTR_NOEXEC)
+    try:
+        priv.attach(mount, target)
+        tree.mounts += 1
+        return priv.make_dir(mount, "ssh", 0o700)
+    finally:
+        os.close(target)
+        os.close(mount)
+
+
+def _cover_image_clients(tree: Tree) -> None:
+    """The image's ssh would speak other algorithms and ignore the job CA: cover it.
+
+    Only files on the image's own (immutable) mounts are covered.
+    """
+    done: set[tuple[int, int]] = set()
+    bundle_bin = priv.open_entry(tree.udi, "bin")
+    try:
+        with tree.container() as container:
+            for client in CLIENTS:
+                ours = priv.open_entry(bundle_bin, client)
+                try:
+                    for directory in ("/usr/bin", "/bin", "/usr/local/bin"):
+                        _cover(tree, container, f"{directory}/{client}", ours, done)
+                finally:
+                    os.close(ours)
+    finally:
+        os.close(bundle_bin)
+
+
+def _cover(tree: Tree, container: Root, path: str, ours: int, done: set[tuple[int, int]]) -> None:
+    try:
+        target = container.open(path)
+    except OSError:
+        return
+    try:
+        info = os.fstat(target)
+        key = (info.st_dev, info.st_ino)
+        if not stat.S_ISREG(info.st_mode) or key in done:
+            return
+        if sc.mount_id(target) not in tree.image_mounts:
+            return
+        done.add(key)
+        mount = priv.clone(ours, RO, recursive=False)
+        try:
+            priv.attach(mount, target)
+            tree.mounts += 1
+        finally:
+            os.close(mount)
+    finally:
+        os.close(target)

@@ -1,26 +1,29 @@
-"""The per-job state file: what the prolog did, so a fresh epilog can undo it.
+"""The per-job files under ``statePath``: what the prolog did, and what ``shifter`` reads.
 
-Written after every mount (atomically, on /run's tmpfs) so that even a prolog
-killed between two steps leaves an exact record. The epilog also sweeps
-/proc/self/mountinfo under the job's directories for the one mount a crash could
-leave unrecorded (made, but killed before the record was written).
+``<job>.json`` (root, 0600) records what teardown needs: the ids of the job's two
+top mounts (root and scratch), the loop device, the sshd's pid and start time. It
+is rewritten atomically at the few steps that change it (on /run's tmpfs), never
+once per mount: teardown detaches whole trees, so it needs no list of mounts.
+
+``<job>.container`` (the description ``shifter`` reads) and ``<job>.error`` (the
+user's mistake, for the SPANK plugin to print) belong to the job user, mode 0400:
+they name volumes and environment, which are nobody else's business.
+
+State files carry a schema version. A file written by another version is read
+for the fields both know; unknown fields are ignored, missing ones take their
+defaults, so an upgrade in the middle of a job never strands its teardown.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 
 from .errors import node_error
 
-
-@dataclass
-class Mount:
-    target: str  # the real path the kernel knows, never a path through the image
-    kind: str  # what it is, for logs: tmpfs, image, bind, proc, devpts, ...
+SCHEMA = 2
 
 
 @dataclass
@@ -32,15 +35,40 @@ class JobState:
     uid: int = -1
     image_id: str = ""
     loop_device: str = ""
-    mounts: list[Mount] = field(default_factory=list)
+    root_mount_id: int = 0  # mount ids, as /proc/self/mountinfo numbers them
+    scratch_mount_id: int = 0
     sshd_pid: int = 0
     sshd_start_time: int = 0  # /proc/<pid>/stat starttime, so a recycled pid is not killed
     complete: bool = False
-    created: float = field(default_factory=time.time)
+    created: float = 0.0
+    version: int = SCHEMA
+
+
+def from_dict(raw: dict[str, object], path: str) -> JobState:
+    """A state of any schema version: the fields this version knows, defaults for others."""
+    values = {}
+    for field in fields(JobState):
+        if field.name in raw and _fits(raw[field.name], field.default):
+            values[field.name] = raw[field.name]
+    for required in ("job_id", "root", "scratch"):
+        if required not in values:
+            raise node_error("state", f"state file without a valid {required}", path)
+    return JobState(**values)  # type: ignore[arg-type]
+
+
+def _fits(value: object, default: object) -> bool:
+    """Whether ``value`` has the type of the field whose default is ``default``."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, int):
+        return isinstance(value, int)
+    return isinstance(value, str)  # the required fields, and the text ones
 
 
 class StateStore:
-    """``statePath/<job>.json`` files, root-only."""
+    """``statePath/<job>.*`` files."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -49,46 +77,61 @@ class StateStore:
         return os.path.join(self.directory, f"{job_id}.json")
 
     def error_path(self, job_id: str) -> str:
-        """Where the prolog leaves a user's error for the SPANK plugin to print."""
         return os.path.join(self.directory, f"{job_id}.error")
 
     def container_path(self, job_id: str) -> str:
-        """World-readable description of a ready container, for the ``shifter`` command."""
         return os.path.join(self.directory, f"{job_id}.container")
 
-    def publish(self, job_id: str, description: dict[str, object]) -> None:
-        path = self.container_path(job_id)
-        with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
-            json.dump(description, handle)
-        os.chmod(f"{path}.tmp", 0o644)
-        os.rename(f"{path}.tmp", path)
+    def _write(self, name: str, data: bytes, owner: int, mode: int) -> None:
+        """Atomically: a new file under a temporary name, owner and mode set, renamed."""
+        os.makedirs(self.directory, mode=0o755, exist_ok=True)
+        tmp = f".{name}.{os.getpid()}.tmp"
+        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                os.unlink(tmp, dir_fd=directory)
+            except FileNotFoundError:
+                pass
+            fd = os.open(tmp, flags, 0o600, dir_fd=directory)
+            try:
+                os.write(fd, data)
+                os.fchown(fd, owner, -1)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+        finally:
+            os.close(directory)
 
     def save(self, state: JobState) -> None:
-        os.makedirs(self.directory, mode=0o755, exist_ok=True)
-        path = self.path(state.job_id)
-        tmp = f"{path}.tmp"
-        data = json.dumps(dataclasses.asdict(state), separators=(",", ":"))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data.encode())
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+        data = json.dumps(asdict(state), separators=(",", ":")).encode()
+        self._write(f"{state.job_id}.json", data, 0, 0o600)
+
+    def publish(self, job_id: str, description: dict[str, object], uid: int) -> None:
+        """The description ``shifter`` reads: the job user's alone."""
+        self._write(f"{job_id}.container", json.dumps(description).encode(), uid, 0o400)
+
+    def write_error(self, job_id: str, message: str, uid: int = 0) -> None:
+        """The user's error, for the SPANK plugin (running as the user) to print."""
+        text = message.replace("\n", " ") + "\n"
+        self._write(f"{job_id}.error", text.encode(errors="surrogateescape"), uid, 0o400)
 
     def load(self, job_id: str) -> JobState | None:
+        path = self.path(job_id)
         try:
-            with open(self.path(job_id), encoding="utf-8") as handle:
+            with open(path, encoding="utf-8") as handle:
                 raw = json.load(handle)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as err:
-            raise node_error("state", f"unreadable state file ({err})", self.path(job_id)) from None
-        raw["mounts"] = [Mount(**m) for m in raw.get("mounts", [])]
-        return JobState(**raw)
+            raise node_error("state", f"unreadable state file ({err})", path) from None
+        if not isinstance(raw, dict):
+            raise node_error("state", "state file is not a JSON object", path)
+        return from_dict(raw, path)
 
     def remove(self, job_id: str) -> None:
-        paths = (self.path(job_id), f"{self.path(job_id)}.tmp", self.container_path(job_id))
-        for path in paths:
+        for path in (self.path(job_id), self.container_path(job_id)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -102,16 +145,12 @@ class StateStore:
             return []
         return sorted(n[: -len(".json")] for n in names if n.endswith(".json"))
 
-    def write_error(self, job_id: str, message: str) -> None:
-        os.makedirs(self.directory, mode=0o755, exist_ok=True)
-        path = self.error_path(job_id)
-        with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
-            handle.write(message.replace("\n", " ") + "\n")
-        os.chmod(f"{path}.tmp", 0o644)
-        os.rename(f"{path}.tmp", path)
-
     def remove_error(self, job_id: str) -> None:
         try:
             os.unlink(self.error_path(job_id))
         except FileNotFoundError:
             pass
+
+
+def new_state(job_id: str, root: str, scratch: str) -> JobState:
+    return JobState(job_id=job_id, root=root, scratch=scratch, created=time.time())

@@ -1,8 +1,14 @@
-"""The few Linux system calls Python lacks: mount, umount2, openat2 and loop setup.
+"""The Linux system calls Python lacks: the new mount API, openat2, umount2, loop setup.
 
-Calling them directly instead of forking mount(8) and losetup(8) is what keeps
-the prolog close to a shell script's speed; openat2 with RESOLVE_IN_ROOT is what
-keeps an untrusted image's symlinks from steering a write or a mount outside its root.
+Calling them directly instead of forking mount(8) and losetup(8) keeps the prolog
+close to a shell script's speed. More importantly they work on file descriptors:
+openat2 resolves a path once (RESOLVE_IN_ROOT keeps an untrusted image's symlinks
+inside its root), and open_tree / fsmount / mount_setattr / move_mount build a
+mount detached, with its flags, and attach it to a directory held open, so no
+path is looked up twice. Linux 5.12 or newer (mount_setattr).
+
+Every wrapper raises OSError with the errno; paths are bytes-safe (os.fsencode).
+The syscall numbers are the same on every architecture for calls added after 5.0.
 """
 
 from __future__ import annotations
@@ -14,27 +20,56 @@ import os
 import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
+_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint,
+                           ctypes.c_int]  # fmt: skip
 
+# mount(2) flags, still the vocabulary of siteFs and volume options.
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_MOVE = 0x2000
-MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
 
+RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_REMOVEDIR = 0x200
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_FSOPEN = 430
+_SYS_FSCONFIG = 431
+_SYS_FSMOUNT = 432
 _SYS_OPENAT2 = 437
+_SYS_MOUNT_SETATTR = 442
 
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
@@ -42,101 +77,135 @@ LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 
 
-def _check(result: int, what: str, path: str) -> None:
-    if result != 0:
+def _result(value: int, what: str, path: object = None) -> int:
+    if value < 0:
         code = ctypes.get_errno()
         raise OSError(code, f"{what}: {os.strerror(code)}", path)
+    return value
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    result = _libc.mount(
-        source.encode() if source is not None else None,
-        target.encode(),
-        fstype.encode() if fstype is not None else None,
-        flags,
-        data.encode() if data else None,
-    )
-    _check(result, "mount", target)
+def _b(path: str | bytes) -> bytes:
+    return os.fsencode(path)
 
 
-def umount(target: str, flags: int = UMOUNT_NOFOLLOW) -> None:
-    _check(_libc.umount2(target.encode(), flags), "umount", target)
-
-
-def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+def openat2(dirfd: int, path: str | bytes, flags: int, resolve: int, mode: int = 0) -> int:
     """``openat2(2)``: with RESOLVE_IN_ROOT, '..' and absolute symlinks stop at dirfd."""
     how = struct.pack("QQQ", flags | os.O_CLOEXEC, mode, resolve)
     buf = ctypes.create_string_buffer(how, len(how))
-    fd = int(_libc.syscall(_SYS_OPENAT2, dirfd, path.encode(), buf, len(how)))
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), path)
-    return fd
+    raw = _b(path)
+    return _result(int(_libc.syscall(_SYS_OPENAT2, dirfd, raw, buf, len(how))), "openat2", path)
 
 
-_SYS_MOUNT_SETATTR = 442
-AT_FDCWD = -100
-AT_RECURSIVE = 0x8000
-AT_SYMLINK_NOFOLLOW = 0x100
-MOUNT_ATTR_RDONLY = 0x1
-MOUNT_ATTR_NOSUID = 0x2
-MOUNT_ATTR_NODEV = 0x4
-MOUNT_ATTR_NOEXEC = 0x8
+def open_tree(fd: int, recursive: bool) -> int:
+    """A detached, private copy of the mount tree at ``fd`` (the object fd names)."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    args = (ctypes.c_int(fd), b"", ctypes.c_uint(flags))
+    return _result(int(_libc.syscall(_SYS_OPEN_TREE, *args)), "open_tree")
 
 
-def mount_setattr_recursive(target: str, attr_set: int, propagation: int = 0) -> None:
-    """``mount_setattr(2)`` on a whole mount tree: remount can only change the top one."""
-    attr = struct.pack("QQQQ", attr_set, 0, propagation, 0)
+def fsopen(fstype: str) -> int:
+    return _result(int(_libc.syscall(_SYS_FSOPEN, fstype.encode(), 1)), "fsopen", fstype)
+
+
+def fsconfig_string(fs_fd: int, key: str, value: str | bytes) -> None:
+    args = (ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_SET_STRING), key.encode(), _b(value))
+    _result(int(_libc.syscall(_SYS_FSCONFIG, *args, ctypes.c_int(0))), f"fsconfig {key}", value)
+
+
+def fsconfig_flag(fs_fd: int, key: str) -> None:
+    args = (ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_SET_FLAG), key.encode(), None)
+    _result(int(_libc.syscall(_SYS_FSCONFIG, *args, ctypes.c_int(0))), f"fsconfig {key}")
+
+
+def fsconfig_create(fs_fd: int) -> None:
+    args = (ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0))
+    _result(int(_libc.syscall(_SYS_FSCONFIG, *args)), "fsconfig create")
+
+
+def fsmount(fs_fd: int, attrs: int) -> int:
+    """A detached mount of the configured filesystem, its attributes set from the start."""
+    args = (ctypes.c_int(fs_fd), ctypes.c_uint(1), ctypes.c_uint(attrs))  # FSMOUNT_CLOEXEC
+    return _result(int(_libc.syscall(_SYS_FSMOUNT, *args)), "fsmount")
+
+
+def mount_setattr(fd: int, attr_set: int, attr_clr: int = 0, propagation: int = 0,
+                  recursive: bool = True) -> None:  # fmt: skip
+    """``mount_setattr(2)`` on the mount (tree) ``fd`` names, detached or not."""
+    attr = struct.pack("QQQQ", attr_set, attr_clr, propagation, 0)
     buf = ctypes.create_string_buffer(attr, len(attr))
-    flags = AT_RECURSIVE | AT_SYMLINK_NOFOLLOW
-    result = int(
-        _libc.syscall(_SYS_MOUNT_SETATTR, AT_FDCWD, target.encode(), flags, buf, len(attr))
-    )
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"mount_setattr: {os.strerror(code)}", target)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    args = (ctypes.c_int(fd), b"", ctypes.c_uint(flags), buf, ctypes.c_size_t(len(attr)))
+    _result(int(_libc.syscall(_SYS_MOUNT_SETATTR, *args)), "mount_setattr")
 
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
+def move_mount(mount_fd: int, target_fd: int) -> None:
+    """Attach the detached mount ``mount_fd`` on the directory or file ``target_fd``."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+    args = (ctypes.c_int(mount_fd), b"", ctypes.c_int(target_fd), b"", ctypes.c_uint(flags))
+    _result(int(_libc.syscall(_SYS_MOVE_MOUNT, *args)), "move_mount")
+
+
+def umount_fd(fd: int, flags: int = MNT_DETACH) -> None:
+    """Unmount the mount whose root ``fd`` is, by fd: /proc/self/fd/N names exactly it."""
+    _result(_libc.umount2(fd_path(fd).encode(), flags), "umount2")
+
+
+def umount(target: str | bytes, flags: int = UMOUNT_NOFOLLOW | MNT_DETACH) -> None:
+    """Path-based umount2, for copies in another mount namespace only (see mounts.py)."""
+    _result(_libc.umount2(_b(target), flags), "umount2", target)
+
+
+def fchownat_empty(fd: int, uid: int, gid: int) -> None:
+    """``fchownat(fd, "", uid, gid, AT_EMPTY_PATH)``: works on O_PATH descriptors too."""
+    _result(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
+
+
+def fstatfs_type(fd: int) -> int:
+    """The filesystem magic (``f_type``) of what ``fd`` names."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is the first word
+    _result(_libc.fstatfs(fd, buf), "fstatfs")
+    return int(struct.unpack_from("l", buf.raw, 0)[0])
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount ``fd`` lies on, as /proc/self/mountinfo numbers it."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as handle:
+        for line in handle:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise OSError(errno.ENOSYS, "no mnt_id in fdinfo", fd)
 
 
 def setns(fd: int, nstype: int) -> None:
-    if _libc.setns(fd, nstype) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"setns: {os.strerror(code)}")
+    _result(_libc.setns(fd, nstype), "setns")
 
 
 def fd_path(fd: int) -> str:
-    """A path naming exactly what fd refers to, for mount(2) to act on."""
+    """A path naming exactly what fd refers to, for calls that take only paths."""
     return f"/proc/self/fd/{fd}"
 
 
-def attach_loop(backing: str) -> tuple[str, int]:
-    """Attach ``backing`` read-only to a free loop device that frees itself on last close.
+def attach_loop(backing_fd: int, name: str) -> tuple[str, int]:
+    """Attach the open file to a free loop device, read-only, freeing itself on last close.
 
     Returns the device and an open descriptor on it: the caller mounts, then closes
     the descriptor. Autoclear means the device detaches when the squashfs mount goes
     away, so a crash between attach and mount, or a lazy unmount, leaks no device.
     """
-    file_fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
-        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            for _attempt in range(32):
-                number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
-                device = f"/dev/loop{number}"
-                dev_fd = _configure(device, file_fd, backing)
-                if dev_fd >= 0:
-                    return device, dev_fd
-        finally:
-            os.close(control)
+        for _attempt in range(32):
+            number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
+            device = f"/dev/loop{number}"
+            dev_fd = _configure(device, backing_fd, name)
+            if dev_fd >= 0:
+                return device, dev_fd
     finally:
-        os.close(file_fd)
-    raise OSError(errno.EBUSY, "no free loop device after 32 attempts", backing)
+        os.close(control)
+    raise OSError(errno.EBUSY, "no free loop device after 32 attempts", name)
 
 
-def _configure(device: str, file_fd: int, backing: str) -> int:
+def _configure(device: str, file_fd: int, name: str) -> int:
     """LOOP_CONFIGURE; -1 when another process took the device first."""
     dev_fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -144,8 +213,8 @@ def _configure(device: str, file_fd: int, backing: str) -> int:
         # In loop_info64, lo_flags is the u32 at offset 52 and lo_file_name[64] at 56.
         info = bytearray(232)
         struct.pack_into("I", info, 52, LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR)
-        name = backing.encode()[-63:]
-        info[56 : 56 + len(name)] = name
+        raw = os.fsencode(name)[-63:]
+        info[56 : 56 + len(raw)] = raw
         config = struct.pack("II", file_fd, 0) + bytes(info) + bytes(64)
         fcntl.ioctl(dev_fd, LOOP_CONFIGURE, config)
         return dev_fd

@@ -1,8 +1,16 @@
 """siteFs and the user's ``--volume`` binds.
 
-A user's volume source is opened by a child process that has become the user, and
-the open descriptor is passed back: the prolog binds exactly what the user could
-open, with no window to swap the path for something only root can read.
+A user's sources are opened by a child process that has become the user
+(``asuser``), and the descriptors are bound: the prolog mounts exactly what the user
+could open, with no window to swap a path for something only root can read. Binds
+are recursive, so a filesystem mounted inside a source comes along and nothing it
+hides shows.
+
+Destinations are canonical (``//``, ``.`` collapsed; ``..`` refused) and checked
+against the protected list, then resolved one component at a time, never through
+a symlink, never inside another volume and never inside a directory the user can
+write: nothing the user controls can move a destination while root mounts on it.
+A missing destination is created only on the container's own root tmpfs.
 """
 
 from __future__ import annotations
@@ -10,20 +18,44 @@ from __future__ import annotations
 import os
 import stat
 
+from . import privileged as priv
+from . import syscalls as sc
 from .config import SiteMount, parse_mount_spec
 from .errors import ShifterError, node_error, user_error
-from .mounts import Mounter
-from .rootpath import Root
+from .rootfs import Tree
 from .users import User
+
+TYPE_CHECKING = False  # importing typing costs every prolog ~3 ms; mypy knows this name
+if TYPE_CHECKING:
+    from .asuser import Source
 
 VOLUME_FLAGS = ("ro", "rw")
 # Destinations a volume may not be, cover, or sit inside.
 PROTECTED = ("/etc", "/usr", "/bin", "/sbin", "/proc", "/sys", "/dev", "/opt/udiImage")
 # Destinations a volume may not be or cover (the prolog writes them).
 PROTECTED_FILES = ("/var/hostsfile", "/var/nodesfile", "/var/shifter")
+# Sources that are kernel interfaces, not data (statfs f_type).
+PSEUDO_FS = {
+    0x6E736673: "nsfs", 0x9FA0: "proc", 0x62656572: "sysfs", 0x27E0EB: "cgroup",
+    0x63677270: "cgroup2", 0xCAFE4A11: "bpf", 0x73636673: "securityfs",
+    0x64626720: "debugfs", 0x74726163: "tracefs", 0x1CD1: "devpts",
+    0xDE5E81E4: "efivarfs", 0x6165676C: "pstore", 0x42494E4D: "binfmt_misc",
+    0xF97CFF8C: "selinuxfs", 0x50494446: "pidfs", 0x09041934: "anon_inode",
+}  # fmt: skip
+_NO_FOLLOW = sc.RESOLVE_BENEATH | sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS
 
 
-def parse_volumes(text: str) -> list[SiteMount]:
+def canonical(where: str, dest: str) -> str:
+    """``//a/./b/`` -> ``/a/b``; '..' and control characters are refused."""
+    parts = [part for part in dest.split("/") if part not in ("", ".")]
+    if not dest.startswith("/") or ".." in parts:
+        raise user_error(where, "destination must be absolute, without '..'", dest)
+    if any(ord(c) < 32 or ord(c) == 127 for c in dest):
+        raise user_error(where, "control character in destination", repr(dest))
+    return "/" + "/".join(parts)
+
+
+def parse_volumes(text: str, limit: int = 64) -> list[SiteMount]:
     """``/src:/dst[:ro];...`` from --volume; every problem is the user's to fix."""
     mounts = []
     for spec in (s.strip() for s in text.split(";")):
@@ -33,12 +65,31 @@ def parse_volumes(text: str) -> list[SiteMount]:
             mount = parse_mount_spec("--volume", spec, VOLUME_FLAGS)
         except ShifterError as err:
             raise user_error(err.where, err.what, err.value) from None
-        check_destination(mount.dest)
-        mounts.append(mount)
+        dest = canonical("--volume", mount.dest)
+        check_destination(dest)
+        mounts.append(SiteMount(mount.source, dest, mount.read_only, True))
+    if len(mounts) > limit:
+        raise user_error("--volume", f"more than {limit} volumes (maxVolumes)", len(mounts))
+    _no_nesting([m.dest for m in mounts])
     return mounts
 
 
+def _no_nesting(dests: list[str]) -> None:
+    """No destination equal to or below another: nothing mounts inside a user's volume."""
+    seen: set[str] = set()
+    for dest in sorted(dests, key=lambda d: d.count("/")):
+        parts = dest.split("/")
+        for depth in range(2, len(parts) + 1):
+            outer = "/".join(parts[:depth])
+            if outer in seen:
+                raise user_error("--volume", f"destination lies inside another volume ({outer})",
+                                 dest)  # fmt: skip
+        seen.add(dest)
+
+
 def check_destination(dest: str) -> None:
+    """The canonical ``dest`` against the protected list."""
+
     def covers(protected: str) -> bool:
         return dest == protected or protected.startswith(dest.rstrip("/") + "/")
 
@@ -53,87 +104,182 @@ def check_destination(dest: str) -> None:
             raise user_error("--volume", f"destination may not cover {protected}", dest)
 
 
-def mount_site_fs(m: Mounter, root: Root, site_fs: list[SiteMount]) -> None:
+# --- siteFs ---------------------------------------------------------------------------
+
+
+def mount_site_fs(tree: Tree, site_fs: list[SiteMount]) -> None:
+    """The site's binds: sources are the admin's paths, destinations resolved in-root."""
     for mount in site_fs:
-        if not os.path.exists(mount.source):
-            raise node_error("siteFs", "source does not exist on this node", mount.source)
-        target = _destination(root, mount.dest, os.path.isdir(mount.source), "siteFs")
-        m.bind(mount.source, target, read_only=mount.read_only, recursive=mount.recursive,
-               kind="siteFs")  # fmt: skip
-
-
-def mount_user_volumes(m: Mounter, root: Root, user: User, volumes: list[SiteMount]) -> None:
-    for mount in volumes:
-        fd = open_as_user(mount.source, user, writable=not mount.read_only)
         try:
-            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
-            target = _destination(root, mount.dest, is_dir, "--volume")
-            m.bind(f"/proc/self/fd/{fd}", target, read_only=mount.read_only, kind="volume")
-        finally:
-            os.close(fd)
-
-
-def _destination(root: Root, dest: str, is_dir: bool, where: str) -> str:
-    """The real mount point for ``dest``, created only on the container's own tmpfs.
-
-    A missing destination below an image directory or a site filesystem is not
-    created: that would write into the image's mount or onto a host filesystem.
-    """
-    if root.exists(dest):
-        real = root.real(dest)
-        if os.path.isdir(real) != is_dir:
-            kind = "a directory" if is_dir else "a file"
-            raise user_error(where, f"destination in the image is not {kind}", dest)
-        return real
-    parent = os.path.dirname(dest)
-    if not root.exists(parent) or os.stat(root.real(parent)).st_dev != os.stat(root.path).st_dev:
-        raise user_error(where, "destination does not exist in the image", dest)
-    if is_dir:
-        return root.makedirs(dest)
-    root.write(dest, b"", mode=0o644)
-    return root.real(dest)
-
-
-def open_as_user(path: str, user: User, writable: bool) -> int:
-    """Open ``path`` as the user in a child process; the descriptor comes back."""
-    import socket  # only jobs with volumes pay for it
-
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:  # child: become the user, open, send the descriptor, exit
-        code = 1
-        try:
-            parent_sock.close()
-            os.setgroups(user.gids)
-            os.setgid(user.gid)
-            os.setuid(user.uid)
-            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-            fd = os.open(path, flags)
-            mode = os.fstat(fd).st_mode
-            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-                code = 4
-            elif writable and not os.access(path, os.W_OK):
-                code = 3
-            else:
-                socket.send_fds(child_sock, [b"ok"], [fd])
-                code = 0
+            source = os.open(mount.source, os.O_PATH | os.O_CLOEXEC)
         except OSError as err:
-            code = {2: 2, 13: 3}.get(err.errno or 0, 1)
+            raise node_error("siteFs", f"source unusable on this node ({err.strerror})",
+                             mount.source) from None  # fmt: skip
+        try:
+            is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
+            target = _site_target(tree, mount.dest, is_dir)
+            _bind(tree, source, target, mount.read_only, mount.recursive)
         finally:
-            os._exit(code)
-    child_sock.close()
+            os.close(source)
+
+
+def _site_target(tree: Tree, dest: str, is_dir: bool) -> int:
+    """siteFs may follow the image's symlinks (inside the root); the image is immutable."""
+    with tree.container() as container:
+        try:
+            target = container.open(dest)
+        except FileNotFoundError:
+            return _create(tree, canonical("siteFs", dest), is_dir, "siteFs")
+        except OSError as err:
+            raise user_error("siteFs", f"destination unusable in the image ({err.strerror})",
+                             dest) from None  # fmt: skip
+    _check_kind(target, is_dir, dest, "siteFs")
+    return target
+
+
+# --- the user's volumes ---------------------------------------------------------------
+
+
+def mount_user_volumes(tree: Tree, user: User, volumes: list[SiteMount], timeout: float) -> None:
+    if not volumes:
+        return
+    from . import asuser
+
     try:
-        _msg, fds, _flags, _addr = socket.recv_fds(parent_sock, 16, 1)
+        sources = asuser.open_sources([v.source for v in volumes], user, timeout)
+    except asuser.Timeout:
+        raise user_error("--volume", f"opening the sources as {user.name} took longer than "
+                         f"{timeout:g} s (stopped, or a hung filesystem)",
+                         ";".join(v.source for v in volumes)) from None  # fmt: skip
+    try:
+        for volume, source in zip(volumes, sources, strict=True):
+            _check_source(volume, source, user)
+            target = _user_target(tree, volume.dest, stat.S_ISDIR(source.mode), user)
+            tree.volume_mounts.add(_bind(tree, source.fd, target, volume.read_only, True))
     finally:
-        parent_sock.close()
-        _pid, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code == 0 and fds:
-        return fds[0]
-    access = "writable" if writable else "readable"
-    reason = {
+        for source in sources:
+            if source.fd >= 0:
+                os.close(source.fd)
+
+
+def _check_source(volume: SiteMount, source: Source, user: User) -> None:
+    reasons = {
         2: "source does not exist",
-        3: f"source not {access} by {user.name}",
-        4: "source is not a directory or file",
+        13: f"source not readable by {user.name}",
+        40: "source path has a symlink loop",
+        20: "source path is not a directory",
     }
-    raise user_error("--volume", reason.get(code, "cannot open source"), path)
+    if source.error:
+        raise user_error("--volume", reasons.get(source.error, "cannot open source "
+                         f"({os.strerror(source.error)})"), volume.source)  # fmt: skip
+    if not (stat.S_ISDIR(source.mode) or stat.S_ISREG(source.mode)):
+        raise user_error("--volume", "source is not a directory or file", volume.source)
+    if source.fstype in PSEUDO_FS:
+        what = f"source is a kernel interface ({PSEUDO_FS[source.fstype]}), not data"
+        raise user_error("--volume", what, volume.source)
+    if not source.readable:
+        raise user_error("--volume", f"source not readable by {user.name}", volume.source)
+    if not volume.read_only and not source.writable:
+        raise user_error("--volume", f"source not writable by {user.name}", volume.source)
+
+
+def _user_target(tree: Tree, dest: str, is_dir: bool, user: User) -> int:
+    """Walk ``dest`` from the root one name at a time; see the module docstring."""
+    parts = dest.strip("/").split("/")
+    current = os.dup(tree.root)
+    try:
+        for depth, name in enumerate(parts):
+            _check_parent(tree, current, dest, user)
+            try:
+                child = priv.open_entry(current, name)
+            except FileNotFoundError:
+                return _create_below(tree, current, parts[depth:], is_dir, dest, "--volume")
+            except OSError as err:
+                what = "destination passes through a symlink" if err.errno == 40 else (
+                    f"destination unusable ({err.strerror})")  # fmt: skip
+                raise user_error("--volume", what, dest) from None
+            os.close(current)
+            current = child
+        _check_kind(current, is_dir, dest, "--volume")
+        target, current = current, -1
+        return target
+    finally:
+        if current >= 0:
+            os.close(current)
+
+
+def _check_parent(tree: Tree, fd: int, dest: str, user: User) -> None:
+    """No destination below another volume or a directory the user can change."""
+    mount_id = sc.mount_id(fd)
+    if mount_id in tree.volume_mounts:
+        raise user_error("--volume", "destination lies inside another volume", dest)
+    if mount_id in tree.image_mounts:
+        return  # the image's squashfs: nobody can change it
+    info = os.fstat(fd)
+    if (info.st_uid == user.uid or info.st_mode & 0o002
+            or (info.st_mode & 0o020 and info.st_gid in user.gids)):  # fmt: skip
+        raise user_error("--volume", "destination lies in a directory the user can write", dest)
+
+
+def _create(tree: Tree, dest: str, is_dir: bool, where: str) -> int:
+    """Create a missing destination, walking from the root without following anything."""
+    parts = dest.strip("/").split("/")
+    current = os.dup(tree.root)
+    try:
+        for depth, name in enumerate(parts):
+            try:
+                child = priv.open_entry(current, name)
+            except FileNotFoundError:
+                return _create_below(tree, current, parts[depth:], is_dir, dest, where)
+            except OSError as err:
+                raise user_error(where, f"destination unusable ({err.strerror})", dest) from None
+            os.close(current)
+            current = child
+        _check_kind(current, is_dir, dest, where)
+        target, current = current, -1
+        return target
+    finally:
+        if current >= 0:
+            os.close(current)
+
+
+def _create_below(tree: Tree, parent: int, missing: list[str], is_dir: bool, dest: str,
+                  where: str) -> int:  # fmt: skip
+    """The missing part of ``dest``: only on the container's own root tmpfs."""
+    if sc.mount_id(parent) != tree.root_id:
+        raise user_error(where, "destination does not exist in the image", dest)
+    current = os.dup(parent)
+    try:
+        for name in missing[:-1]:
+            child = priv.make_dir(current, name)
+            os.close(current)
+            current = child
+        if is_dir:
+            created = priv.make_dir(current, missing[-1])
+        else:
+            created = priv.make_file(current, missing[-1])
+        return created
+    finally:
+        os.close(current)
+
+
+def _check_kind(fd: int, is_dir: bool, dest: str, where: str) -> None:
+    if stat.S_ISDIR(os.fstat(fd).st_mode) != is_dir:
+        os.close(fd)
+        kind = "a directory" if is_dir else "a file"
+        raise user_error(where, f"destination in the image is not {kind}", dest)
+
+
+def _bind(tree: Tree, source: int, target: int, read_only: bool, recursive: bool) -> int:
+    """Bind (a recursive private copy of) ``source`` on ``target``; closes ``target``."""
+    attrs = priv.NOSUID_NODEV | (sc.MOUNT_ATTR_RDONLY if read_only else 0)
+    try:
+        mount = priv.clone(source, attrs, recursive)
+        try:
+            mount_id = priv.attach(mount, target)
+        finally:
+            os.close(mount)
+    finally:
+        os.close(target)
+    tree.mounts += 1
+    return mount_id

@@ -232,8 +232,8 @@ def test_errors(job: Job, test_users: list[LabUser]) -> None:
                          "shifter: no prepared container for job 999 on this node: "
                          "was the job submitted with --image?\n"),
         "another user's job": (job.shifter("true", user=other),
-                               f"shifter: job {JOB}: the container belongs to uid "
-                               f"{job.user.uid}, not to you: {other.uid}\n"),
+                               f"shifter: job {JOB}: the container belongs to another user, "
+                               f"not to you: {other.uid}\n"),
         "another image": (job.shifter("--image=docker:other:1", "true"),
                           f"shifter: --image: this job's image is {job.image}; another image "
                           "needs its own job (for now): docker:other:1\n"),

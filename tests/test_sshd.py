@@ -67,7 +67,8 @@ class Job:
         now = int(time.time())
         args: dict[str, object] = {
             "secret": self.secret, "cluster": CLUSTER, "job_id": int(self.job_id),
-            "restart_count": 0, "user": self.user.name, "node_name": self.node_name,
+            "restart_count": 0, "uid": self.user.uid, "user": self.user.name,
+            "node_name": self.node_name,
             "host_principals": [self.node_name], "valid_after": now - 60,
             "valid_before": now + 3600,
         }  # fmt: skip

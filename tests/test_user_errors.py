@@ -27,7 +27,7 @@ def _error_file(node: Node, job_id: str) -> str:
         ),
         ({"SPANK_SHIFTER_VOLUME": "/nonexistent-src:/data"}, "--volume: source does not exist"),
         ({"SPANK_SHIFTER_VOLUME": "relative:/data"}, "paths must be absolute: relative"),
-        ({"SPANK_SHIFTER_VOLUME": "/root:/data"}, "source not writable by sstest1: /root"),
+        ({"SPANK_SHIFTER_VOLUME": "/root:/data"}, "source not readable by sstest1: /root"),
         ({"SPANK_SHIFTER_VOLUME": "/etc:/data:ro:x"}, "expected source:destination[:flags]"),
         ({"SPANK_SHIFTER_VOLUME": "/tmp:/data:bogus"}, "unknown flag (allowed: ro, rw): bogus"),
         ({"SPANK_SHIFTER_VOLUME": "/tmp:/etc"}, "destination may not cover /etc: /etc"),
