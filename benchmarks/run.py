@@ -8,7 +8,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("bench_keys", "bench_prolog", "bench_sshd", "bench_scale", "bench_mpirun")
+BENCHMARKS = ("bench_keys", "bench_prolog", "bench_sshd", "bench_hardening", "bench_scale",
+              "bench_mpirun")  # fmt: skip
 
 
 def main() -> int:

@@ -63,6 +63,21 @@ def cmd_image_lookup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_request(args: argparse.Namespace) -> int:
+    """What the SPANK plugin runs at submission: the prolog's own checks, then the id."""
+    from . import environment, image, volumes
+
+    config = _config(args)
+    try:
+        record = image.Store.from_config(config).lookup(args.image)
+    except ShifterError as err:  # the user typed --image: say so
+        raise ShifterError("--image", err.what, err.value, err.kind) from None
+    volumes.parse_volumes(args.volume or "", config.max_volumes)
+    environment.modules(config, [m for m in (args.module or "").replace(",", " ").split() if m])
+    print(record.id)
+    return EXIT_OK
+
+
 def cmd_image_remove(args: argparse.Namespace) -> int:
     from . import image
 
@@ -135,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     rem = img.add_parser("remove", help="remove an image name (and its data if unused)")
     rem.add_argument("name")
     rem.set_defaults(func=cmd_image_remove)
+
+    req = sub.add_parser("request", help="check a job's --image/--volume/--module as the "
+                         "prolog will (the SPANK plugin runs this at submission)")  # fmt: skip
+    req.add_argument("--image", required=True)
+    req.add_argument("--volume", default=None)
+    req.add_argument("--module", default=None)
+    req.set_defaults(func=cmd_request)
 
     sub.add_parser("prolog", help="Slurm Prolog: build this node's container for the job"
                    ).set_defaults(func=cmd_prolog)  # fmt: skip

@@ -80,13 +80,23 @@ def parse_name(text: str, default_type: str = "docker") -> ImageName:
     return ImageName(image_type, tag)
 
 
+def _no_control(where: str, value: str) -> str:
+    """Values end up in sshd_config and in logs: no newline or other control character."""
+    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
+        raise usage_error(where, "control character in value", repr(value))
+    return value
+
+
 def parse_metadata_args(env: list[str], entrypoint: str | None, workdir: str | None) -> Metadata:
     merged = dict(DEFAULT_ENV)
     for item in env:
         name, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise usage_error("image import --env", "expected NAME=value", item)
-        merged[name] = value
+        merged[name] = _no_control("image import --env", value)
+    for where, value in (("--entrypoint", entrypoint), ("--workdir", workdir)):
+        if value is not None:
+            _no_control(f"image import {where}", value)
     if workdir is not None and not workdir.startswith("/"):
         raise usage_error("image import --workdir", "must be an absolute path", workdir)
     return Metadata(env=merged, entrypoint=entrypoint, workdir=workdir)

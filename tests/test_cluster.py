@@ -157,9 +157,9 @@ rm -rf {keep}
     [
         (
             ["--image=docker:nosuch:1"],
-            "shifter-sshd: --image: image: no such image: docker:nosuch:1",
+            "shifter-sshd: --image: no such image: docker:nosuch:1",
         ),
-        ([f"--image={BUSYBOX}", "--volume=/data"], "expected /source:/destination[:ro]: /data"),
+        ([f"--image={BUSYBOX}", "--volume=/data"], "expected source:destination[:flags]: /data"),
     ],
 )
 def test_bad_submissions_fail_at_once(cluster: Cluster, args: list[str], message: str) -> None:

@@ -98,6 +98,16 @@ def test_hostile_tar_is_packed_not_extracted(store: Path, tmp_path: Path) -> Non
             "image import --env: expected NAME=value",
             2,
         ),
+        (
+            ["import", "/etc", "docker:x", "--env", "A=1\nPermitRootLogin yes"],
+            "image import --env: control character in value: '1\\nPermitRootLogin yes'",
+            2,
+        ),
+        (
+            ["import", "/etc", "docker:x", "--workdir", "/a\x1b[2J"],
+            "image import --workdir: control character in value",
+            2,
+        ),
         (["remove", "docker:nosuch"], "no such image: docker:nosuch", 3),
     ],
 )

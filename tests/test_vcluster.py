@@ -78,7 +78,10 @@ def site() -> Iterator[Site]:
     try:
         config = os.path.join(directory, "udiRoot.conf")
         with open(config, "w") as f:
-            f.write(f"imagePath={directory}/images\nstatePath={STATE}\n")
+            f.write(
+                f"imagePath={directory}/images\nstatePath={STATE}\n"
+                "module_mpich_siteEnv=SITE_MPI=mpich\n"
+            )
         tree = busybox_tree(os.path.join(directory, "tree"))
         done = subprocess.run(
             [SHIFTER_SSHD, "--config", config, "image", "import", str(tree), IMAGE],
@@ -158,7 +161,7 @@ def test_unknown_image_fails_sbatch_at_once(cluster: Cluster) -> None:
     started = time.monotonic()
     done = cluster.submit(USER, "#!/bin/sh\ntrue\n", ["-N3", "--image=docker:nosuch:1"])
     assert done.returncode != 0
-    assert "shifter-sshd: --image: image: no such image: docker:nosuch:1" in done.stderr
+    assert "shifter-sshd: --image: no such image: docker:nosuch:1" in done.stderr
     assert time.monotonic() - started < 5
     assert_all_idle(cluster)
 
@@ -166,9 +169,14 @@ def test_unknown_image_fails_sbatch_at_once(cluster: Cluster) -> None:
 @pytest.mark.parametrize(
     ("volume", "message"),
     [
-        ("/data", "shifter-sshd: --volume: expected /source:/destination[:ro]: /data"),
-        ("/a:b", "shifter-sshd: --volume: paths must be absolute: /a:b"),
-        ("/a:/b;/c:/d:rx", "shifter-sshd: --volume: unknown flag (allowed: ro, rw): /c:/d:rx"),
+        ("/data", "shifter-sshd: --volume: expected source:destination[:flags]: /data"),
+        ("/a:b", "shifter-sshd: --volume: paths must be absolute: b"),
+        ("/a:/b;/c:/d:rx", "shifter-sshd: --volume: unknown flag (allowed: ro, rw): rx"),
+        ("/a://etc", "shifter-sshd: --volume: destination may not cover /etc: /etc"),
+        (
+            "/a:/data;/b:/data/x",
+            "shifter-sshd: --volume: destination lies inside another volume (/data): /data/x",
+        ),
     ],
 )
 def test_malformed_volume_fails_sbatch_at_once(cluster: Cluster, volume: str, message: str) -> None:

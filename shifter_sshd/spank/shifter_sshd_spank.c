@@ -2,11 +2,12 @@
  * shifter-sshd SPANK plugin: --image, --volume and --module for sbatch, salloc
  * and srun.
  *
- * Submission (sbatch, salloc, srun as the user): the image name is resolved with
- * `shifter-sshd image lookup`, so an unknown image or a malformed --volume fails
- * the command at once instead of failing the job later; the resolved id is pinned
- * and everything is handed to the Prolog through the job control environment
- * (SPANK_SHIFTER_IMAGE, _IMAGE_ID, _VOLUME, _MODULE).
+ * Submission (sbatch, salloc, srun as the user): `shifter-sshd request` checks the
+ * request with the prolog's own rules (image name resolved, volumes canonical and
+ * allowed, modules known), so a bad request fails the command at once instead of
+ * failing the job later; the resolved id is pinned and everything is handed to the
+ * Prolog through the job control environment (SPANK_SHIFTER_IMAGE, _IMAGE_ID,
+ * _VOLUME, _MODULE).
  *
  * Job steps (slurmstepd): SHIFTER_IMAGE, _IMAGE_ID, _VOLUME, _MODULE are set in
  * the tasks' environment for the `shifter` command, and a user error the Prolog
@@ -17,16 +18,20 @@
  * plugstack.conf:
  *   required /usr/local/lib/shifter-sshd/shifter_sshd_spank.so \
  *     shifter_sshd=/opt/shifter-sshd/venv/bin/shifter-sshd \
- *     config=/etc/shifter/udiRoot.conf state_path=/run/shifter-sshd
+ *     config=/etc/shifter/udiRoot.conf state_path=/run/shifter-sshd [timeout=10]
  */
+#define _GNU_SOURCE
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <slurm/spank.h>
@@ -47,6 +52,7 @@ static const char *var_name[OPT_COUNT] = { "SHIFTER_IMAGE", "SHIFTER_VOLUME",
 static const char *arg_shifter_sshd = "/opt/shifter-sshd/venv/bin/shifter-sshd";
 static const char *arg_config = NULL;
 static const char *arg_state_path = "/run/shifter-sshd";
+static int arg_timeout = 10; /* seconds for the submission check */
 
 static int set_option(int val, const char *optarg, int remote)
 {
@@ -77,8 +83,10 @@ static int parse_args(int ac, char **av)
 			arg_config = av[i] + 7;
 		else if (strncmp(av[i], "state_path=", 11) == 0)
 			arg_state_path = av[i] + 11;
+		else if (strncmp(av[i], "timeout=", 8) == 0 && atoi(av[i] + 8) > 0)
+			arg_timeout = atoi(av[i] + 8);
 		else {
-			slurm_error("shifter-sshd: plugstack.conf: unknown plugin argument (known: shifter_sshd=, config=, state_path=): %s",
+			slurm_error("shifter-sshd: plugstack.conf: unknown plugin argument (known: shifter_sshd=, config=, state_path=, timeout=): %s",
 				    av[i]);
 			return -1;
 		}
@@ -101,81 +109,21 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 
 /* --- submission: validate, resolve, pin, hand over to the Prolog ------------- */
 
-/* One volume "/src:/dst[:flags]", the syntax shifter_sshd.volumes checks. */
-static const char *volume_problem(char *spec)
+/* Append what fd has to buf (NUL-terminated, at most len - 1 bytes kept); 0 at EOF. */
+static int drain(int fd, char *buf, size_t len, size_t *used)
 {
-	char *parts[4] = { 0 };
-	int n = 0;
-	for (char *p = spec, *tok; n < 4 && (tok = strsep(&p, ":")) != NULL;)
-		parts[n++] = tok;
-	if (n < 2 || n > 3 || parts[3] != NULL || !*parts[0] || !*parts[1])
-		return "expected /source:/destination[:ro]";
-	for (int i = 0; i < 2; i++) {
-		if (parts[i][0] != '/')
-			return "paths must be absolute";
-		if (strstr(parts[i], "/../") || !strcmp(parts[i] + strlen(parts[i]) - 3, "/.."))
-			return "paths may not contain '..'";
-	}
-	for (char *p = n == 3 ? parts[2] : NULL, *flag; p && (flag = strsep(&p, ","));) {
-		if (*flag && strcmp(flag, "ro") && strcmp(flag, "rw"))
-			return "unknown flag (allowed: ro, rw)";
-	}
-	return NULL;
-}
-
-static int check_volumes(const char *value)
-{
-	char *copy = strdup(value), *rest = copy, *spec;
-	int rc = 0;
-	if (!copy)
-		return -1;
-	while (rc == 0 && (spec = strsep(&rest, ";")) != NULL) {
-		while (isspace((unsigned char)*spec))
-			spec++;
-		for (char *e = spec + strlen(spec); e > spec && isspace((unsigned char)e[-1]);)
-			*--e = '\0';
-		char *whole = strdup(spec);
-		const char *problem = *spec ? volume_problem(spec) : NULL;
-		if (problem) {
-			slurm_error("shifter-sshd: --volume: %s: %s", problem, whole ? whole : value);
-			rc = -1;
-		}
-		free(whole);
-	}
-	free(copy);
-	return rc;
-}
-
-static int check_modules(const char *value)
-{
-	for (const char *p = value; *p; p++) {
-		if (!isalnum((unsigned char)*p) && !strchr("_.-,", *p)) {
-			slurm_error("shifter-sshd: --module: expected name[,name...]: %s", value);
-			return -1;
-		}
-	}
-	return 0;
-}
-
-/* Read all of fd into buf (NUL-terminated, truncated to len - 1). */
-static void slurp(int fd, char *buf, size_t len)
-{
-	size_t used = 0;
+	char sink[512];
 	ssize_t got;
-	while ((got = read(fd, buf + used, len - 1 - used)) != 0) {
-		if (got < 0 && errno == EINTR)
-			continue;
-		if (got < 0)
-			break;
-		used += (size_t)got;
-		if (used == len - 1) {
-			char sink[256];
-			while (read(fd, sink, sizeof(sink)) > 0)
-				;
-			break;
-		}
-	}
-	buf[used] = '\0';
+	if (*used < len - 1)
+		got = read(fd, buf + *used, len - 1 - *used);
+	else
+		got = read(fd, sink, sizeof(sink)); /* full: keep reading so the child never blocks */
+	if (got < 0)
+		return errno == EINTR || errno == EAGAIN ? 1 : 0;
+	if (got > 0 && *used < len - 1)
+		*used += (size_t)got;
+	buf[*used] = '\0';
+	return got > 0;
 }
 
 static void chomp(char *s)
@@ -184,73 +132,135 @@ static void chomp(char *s)
 		*--e = '\0';
 }
 
-/*
- * `shifter-sshd [--config C] image lookup NAME`, run as the submitting user
- * (this process is the user's sbatch). Its stdout is the id; on failure its
- * stderr is the message.
- */
-static int lookup_image(const char *name, char *id, char *msg)
+static long long now_ms(void)
 {
-	int out[2], err[2], status;
-	if (pipe(out) < 0 || pipe(err) < 0) {
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/*
+ * `shifter-sshd [--config C] request --image NAME [--volume V] [--module M]`, run as
+ * the submitting user (this process is the user's sbatch) with a clean environment
+ * (nothing of the user's PYTHONHOME, PYTHONPATH or LD_PRELOAD reaches it) and a
+ * deadline. The rules for images, volumes and modules are the prolog's own. Its
+ * stdout is the image id; on failure its stderr is the message. Both pipes are read
+ * together, so a chatty child never blocks on a full pipe.
+ */
+static int check_request(char *id, char *msg)
+{
+	int out[2] = { -1, -1 }, err[2] = { -1, -1 }, status = 0;
+	const char *argv[12];
+	int n = 0;
+	char *const envp[] = { "PATH=/usr/bin:/bin", "LANG=C.UTF-8", NULL };
+	argv[n++] = arg_shifter_sshd;
+	if (arg_config) {
+		argv[n++] = "--config";
+		argv[n++] = arg_config;
+	}
+	argv[n++] = "request";
+	argv[n++] = "--image";
+	argv[n++] = opt_value[OPT_IMAGE];
+	if (opt_value[OPT_VOLUME]) {
+		argv[n++] = "--volume";
+		argv[n++] = opt_value[OPT_VOLUME];
+	}
+	if (opt_value[OPT_MODULE]) {
+		argv[n++] = "--module";
+		argv[n++] = opt_value[OPT_MODULE];
+	}
+	argv[n] = NULL;
+	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) {
 		snprintf(msg, MSG_MAX, "pipe: %s", strerror(errno));
-		return -1;
+		goto fail;
 	}
 	pid_t pid = fork();
 	if (pid < 0) {
 		snprintf(msg, MSG_MAX, "fork: %s", strerror(errno));
-		return -1;
+		goto fail;
 	}
 	if (pid == 0) {
-		const char *argv[] = { arg_shifter_sshd, "image", "lookup", name, NULL, NULL, NULL };
-		if (arg_config) {
-			argv[1] = "--config";
-			argv[2] = arg_config;
-			argv[3] = "image";
-			argv[4] = "lookup";
-			argv[5] = name;
-		}
-		dup2(out[1], STDOUT_FILENO);
-		dup2(err[1], STDERR_FILENO);
-		close(out[0]);
-		close(err[0]);
 		int devnull = open("/dev/null", O_RDONLY);
-		if (devnull >= 0)
-			dup2(devnull, STDIN_FILENO);
-		execv(arg_shifter_sshd, (char *const *)argv);
+		if (devnull < 0 || dup2(devnull, STDIN_FILENO) < 0 || dup2(out[1], STDOUT_FILENO) < 0 ||
+		    dup2(err[1], STDERR_FILENO) < 0)
+			_exit(126);
+		execve(arg_shifter_sshd, (char *const *)argv, envp);
 		dprintf(STDERR_FILENO, "cannot run %s: %s", arg_shifter_sshd, strerror(errno));
 		_exit(127);
 	}
 	close(out[1]);
 	close(err[1]);
-	slurp(out[0], id, ID_MAX);
-	slurp(err[0], msg, MSG_MAX);
+	out[1] = err[1] = -1;
+	size_t id_used = 0, msg_used = 0;
+	id[0] = msg[0] = '\0';
+	struct pollfd fds[2] = { { out[0], POLLIN, 0 }, { err[0], POLLIN, 0 } };
+	long long deadline = now_ms() + (long long)arg_timeout * 1000;
+	int open_fds = 2, timed_out = 0;
+	while (open_fds > 0) {
+		long long left = deadline - now_ms();
+		if (left <= 0) {
+			timed_out = 1;
+			break;
+		}
+		int ready = poll(fds, 2, (int)left);
+		if (ready < 0 && errno == EINTR)
+			continue;
+		if (ready < 0)
+			break;
+		for (int i = 0; i < 2; i++) {
+			if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR)))
+				continue;
+			int more = i == 0 ? drain(fds[i].fd, id, ID_MAX, &id_used)
+					  : drain(fds[i].fd, msg, MSG_MAX, &msg_used);
+			if (!more) {
+				fds[i].fd = -1;
+				open_fds--;
+			}
+		}
+	}
+	if (timed_out)
+		kill(pid, SIGKILL);
+	pid_t waited;
+	while ((waited = waitpid(pid, &status, 0)) < 0 && errno == EINTR)
+		;
 	close(out[0]);
 	close(err[0]);
-	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-		;
 	chomp(id);
 	chomp(msg);
+	if (timed_out) {
+		snprintf(msg, MSG_MAX, "no answer from %s within %d s (timeout= in plugstack.conf)",
+			 arg_shifter_sshd, arg_timeout);
+		return -1;
+	}
+	if (waited < 0) {
+		snprintf(msg, MSG_MAX, "waitpid: %s", strerror(errno));
+		return -1;
+	}
 	if (WIFEXITED(status) && WEXITSTATUS(status) == 0 && *id)
 		return 0;
 	if (!*msg)
-		snprintf(msg, MSG_MAX, "image lookup failed (status %d)", status);
+		snprintf(msg, MSG_MAX, "request check failed (status %d)", status);
+	return -1;
+fail:
+	for (int i = 0; i < 2; i++) {
+		if (out[i] >= 0)
+			close(out[i]);
+		if (err[i] >= 0)
+			close(err[i]);
+	}
 	return -1;
 }
 
-static int resolve_image(const char *name, char *id)
+static int resolve_request(char *id)
 {
 	char msg[MSG_MAX];
-	if (lookup_image(name, id, msg) == 0)
+	if (check_request(id, msg) == 0)
 		return 0;
-	/* The last line is the error; drop its own "shifter-sshd: " prefix. */
+	/* The last line is the error; it names where, what and which value itself. */
 	char *line = strrchr(msg, '\n') ? strrchr(msg, '\n') + 1 : msg;
 	if (strncmp(line, "shifter-sshd: ", 14) == 0)
 		line += 14;
-	if (strstr(line, name))
-		slurm_error("shifter-sshd: --image: %s", line);
-	else
-		slurm_error("shifter-sshd: --image: %s: %s", line, name);
+	slurm_error("shifter-sshd: %s", line);
 	return -1;
 }
 
@@ -285,11 +295,7 @@ static int submit(spank_t sp)
 		}
 		return 0; /* not a container job: nothing to do */
 	}
-	if (opt_value[OPT_VOLUME] && check_volumes(opt_value[OPT_VOLUME]) < 0)
-		return -1;
-	if (opt_value[OPT_MODULE] && check_modules(opt_value[OPT_MODULE]) < 0)
-		return -1;
-	if (resolve_image(opt_value[OPT_IMAGE], id) < 0)
+	if (resolve_request(id) < 0)
 		return -1;
 	if (control_setenv(sp, "SHIFTER_IMAGE_ID", id) < 0)
 		return -1;
@@ -346,7 +352,10 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return 0; /* the usual case: the Prolog had nothing to say */
-	slurp(fd, msg, sizeof(msg));
+	size_t used = 0;
+	msg[0] = '\0';
+	while (drain(fd, msg, sizeof(msg), &used))
+		;
 	close(fd);
 	chomp(msg);
 	/* This process is the task: its stderr is the job's. */
