@@ -94,9 +94,9 @@ def parse_metadata_args(env: list[str], entrypoint: str | None, workdir: str | N
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise usage_error("image import --env", "expected NAME=value", item)
         merged[name] = _no_control("image import --env", value)
-    for where, value in (("--entrypoint", entrypoint), ("--workdir", workdir)):
-        if value is not None:
-            _no_control(f"image import {where}", value)
+    for where, given in (("--entrypoint", entrypoint), ("--workdir", workdir)):
+        if given is not None:
+            _no_control(f"image import {where}", given)
     if workdir is not None and not workdir.startswith("/"):
         raise usage_error("image import --workdir", "must be an absolute path", workdir)
     return Metadata(env=merged, entrypoint=entrypoint, workdir=workdir)
