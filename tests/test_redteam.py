@@ -347,6 +347,22 @@ def test_control_character_in_an_image_variable(
     assert node.epilog("612").returncode == 0
 
 
+def test_image_with_too_many_top_level_directories(
+    node: Node, test_users: list[LabUser], user_tmp: Path
+) -> None:
+    def many(tree: Path) -> None:
+        for index in range(300):
+            (tree / f"d{index}").mkdir()
+
+    user = test_users[0]
+    image = hostile_image(node, user_tmp, "wide", many)
+    done = cycle(node, node.job_env("617", user.name, user.uid, user.gid,
+                                    SPANK_SHIFTER_IMAGE=image))  # fmt: skip
+    assert "image: more than 256 top-level directories to bind (maxImageMounts): 303" in (
+        done.stderr
+    )
+
+
 def test_stopped_volume_helper_costs_the_deadline_only(
     node: Node, test_users: list[LabUser], user_tmp: Path, racer: str
 ) -> None:
