@@ -5,8 +5,8 @@ allocation, writes four host lists (hostsfile.FILES) and renders known_hosts and
 ssh_config naming every host of the job. All of that grows with the job; this
 measures it for N = 10 ... 10,000 with lists compressed the way Slurm writes them
 (``nid[00001-10000]``, ``64(x10000)``), every size in the same run, interleaved
-round by round, median of the rounds. It also times picking one job out of a
-5,000-job ``squeue --json`` (slurm.find_job), which does not grow with N.
+round by round, median of the rounds. What slurmctld is asked does not grow with
+N (one job, ``slurm.query``): ``benchmarks.bench_query`` measures that on the lab.
 
 Run from the repository root: ``python -m benchmarks.bench_scale [--rounds N]``.
 """
@@ -14,7 +14,6 @@ Run from the repository root: ``python -m benchmarks.bench_scale [--rounds N]``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +24,6 @@ SIZES = (10, 100, 1_000, 10_000)
 CPUS = 64
 PORT = 1204
 CA_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI" + "A" * 43 + " job-ca"
-QUEUE_JOBS = 5_000
 
 
 def node_list(n: int) -> str:
@@ -67,13 +65,6 @@ def time_once(function: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def queue_text(jobs: int) -> tuple[str, int]:
-    """A ``squeue --json``-shaped queue of ``jobs`` records of realistic size (~4 kB)."""
-    record = {f"field_{i:02d}": "x" * 40 for i in range(80)}
-    listed = [dict(record, job_id=1000 + i, nodes=node_list(64)) for i in range(jobs)]
-    return json.dumps({"meta": {}, "errors": [], "jobs": listed}, indent=2), 1000 + jobs - 1
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -109,16 +100,6 @@ def main() -> None:
         print(f"steepest step {n // 10:,} -> {n:,}: {worst} x{ratio:.1f}")
     sizes = output_bytes(10_000)
     print("bytes written at 10,000 nodes: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items()))
-
-    text, last = queue_text(QUEUE_JOBS)
-    data = text.encode()
-    cut = [time_once(lambda: slurm.find_job(data, last)) for _ in range(args.rounds)]
-    full = [time_once(lambda: json.loads(data)) for _ in range(args.rounds)]
-    print(
-        f"squeue --json with {QUEUE_JOBS:,} jobs ({len(data) / 1e6:.1f} MB): "
-        f"find_job {statistics.median(cut) * 1e3:.1f} ms, "
-        f"full json.loads {statistics.median(full) * 1e3:.1f} ms"
-    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ whose owner process no longer exists.
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
 import re
 import shutil
@@ -124,6 +125,37 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
+def remove_cgroups(node_names: list[str], wait: float = 5.0) -> None:
+    """Remove the empty ``slurm_<node>`` cgroup trees Slurm made for these nodes.
+
+    Only empty directories go (rmdir, deepest first), so a cluster side by side
+    with the same node names keeps its live job cgroups. Killed processes leave
+    their cgroups a moment after the kill, hence the short retry.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        left = []
+        for node in node_names:
+            for top in glob.glob(f"/sys/fs/cgroup/*/slurm_{node}"):
+                left += _rmdir_tree(top)
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
+def _rmdir_tree(top: str) -> list[str]:
+    """rmdir every directory under ``top`` (and ``top``), deepest first; what stays."""
+    left = []
+    for directory, _subdirs, _files in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
+        try:
+            os.rmdir(directory)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            left.append(directory)
+    return left
+
+
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -137,6 +169,7 @@ class Teardown:
 
     root: str
     index: int
+    node_names: list[str] = field(default_factory=list)
     machines: list[Machine] = field(default_factory=list)
     daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
     munged: subprocess.Popen[bytes] | None = None
@@ -155,6 +188,7 @@ class Teardown:
             proc.kill()
             proc.wait()
         self._remove_links()
+        remove_cgroups(self.node_names)
         shutil.rmtree(self.root, ignore_errors=True)
         self.seconds = time.monotonic() - start
 

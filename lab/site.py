@@ -27,6 +27,15 @@ OPENMPI = "docker:debian:openmpi"
 MPICH = "docker:debian:mpich"
 
 
+# A node's fault for the tests (faults.py), in the node's private statePath: slurmd
+# gives the prolog no variable of ours, so the wrapper reads it from there.
+FAULT_FILE = f"{STATE}/lab-fault"
+WRAPPER = """#!/bin/sh
+[ -f {fault} ] && export SHIFTER_SSHD_FAULT="$(/bin/cat {fault})"
+exec {venv}/bin/shifter-sshd-{context} --config {config}
+"""
+
+
 @dataclass
 class Site:
     directory: str
@@ -51,14 +60,16 @@ class Site:
         subprocess.run(["chmod", "-R", "a+rX", f"{self.directory}/images"], check=True)
         return self.image_ids[name]
 
-    def cluster(self, nodes: int = 3) -> Cluster:
-        """A cluster (not yet up) running this site's prolog, epilog and plugin."""
+    def cluster(self, nodes: int = 3, epilog: bool = True, **slurm: str) -> Cluster:
+        """A cluster (not yet up) running this site's prolog, epilog and plugin;
+        ``slurm`` passes Cluster's settings (proctrack, prolog_flags)."""
         return Cluster(
             nodes=nodes,
             prolog=f"{self.directory}/prolog.sh",
-            epilog=f"{self.directory}/epilog.sh",
+            epilog=f"{self.directory}/epilog.sh" if epilog else None,
             plugstack=[self.plugstack],
             private_dirs=SHIFTER_PRIVATE_DIRS,
+            **slurm,
         )
 
     def close(self) -> None:
@@ -94,9 +105,8 @@ def make_site(with_mpich: bool = True) -> Site:
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(what)}: {done.stderr}")
         for context in ("prolog", "epilog"):
-            _write(f"{directory}/{context}.sh",
-                   f"#!/bin/sh\nexec {VENV}/bin/shifter-sshd-{context} --config {config}\n",
-                   0o755)  # fmt: skip
+            _write(f"{directory}/{context}.sh", WRAPPER.format(
+                venv=VENV, context=context, config=config, fault=FAULT_FILE), 0o755)  # fmt: skip
         site.plugin = spank.build(f"{directory}/shifter_sshd_spank.so")
         tree = images.busybox_tree(f"{directory}/busybox-tree")
         site.import_image(str(tree), BUSYBOX)

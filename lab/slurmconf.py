@@ -29,7 +29,23 @@ class Layout:
     prolog: str | None = None
     epilog: str | None = None
     plugstack: tuple[str, ...] = ()
+    proctrack: str = "cgroup"  # or "linuxproc": the lab's variant without cgroups
+    # Contain: the extern step every node keeps for the job's lifetime (the sshd is
+    # adopted into it); DeferBatch: the batch script starts once every node's prolog
+    # is done, so its first ssh never meets a node still building its container.
+    prolog_flags: str = "Alloc,Contain,DeferBatch"
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    memory_mb: int = 8192  # RealMemory of each node: a limit, not a promise
+
+    @property
+    def index(self) -> int:
+        return int(self.subnet.rsplit(".", 1)[1])
+
+    @property
+    def first_job_id(self) -> int:
+        """Side-by-side clusters share the host's cgroups (slurm_nodeN/uid_U/job_J):
+        each numbers its jobs from its own range so none ever shares a job cgroup."""
+        return self.index * 100_000 + 1
 
     @property
     def name(self) -> str:
@@ -84,11 +100,13 @@ def slurm_conf(layout: Layout) -> str:
         "SlurmctldDebug=info",
         "SlurmdDebug=info",
         f"PlugStackConfig={layout.path('plugstack.conf')}",
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "PrologFlags=Alloc,Contain",
+        f"ProctrackType=proctrack/{layout.proctrack}",
+        f"TaskPlugin={'task/cgroup' if layout.proctrack == 'cgroup' else 'task/none'}",
+        f"PrologFlags={layout.prolog_flags}",
+        "PrologEpilogTimeout=120",
+        f"FirstJobId={layout.first_job_id}",
         "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core",
+        "SelectTypeParameters=CR_Core_Memory",
         # Without this the first batch job waits for the next scheduling pass.
         "SchedulerParameters=batch_sched_delay=0",
         "MpiDefault=none",
@@ -110,10 +128,23 @@ def slurm_conf(layout: Layout) -> str:
     for node in layout.node_names:
         lines.append(
             f"NodeName={node} NodeAddr={layout.addr(node)} NodeHostname={node} "
-            f"CPUs={layout.cpus} State=UNKNOWN"
+            f"CPUs={layout.cpus} RealMemory={layout.memory_mb} State=UNKNOWN"
         )
     lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
     return "\n".join(lines) + "\n"
+
+
+def cgroup_conf(layout: Layout) -> str:
+    """cgroup.conf: this machine's cgroup v1 hierarchies, mounted already (not by Slurm)."""
+    if layout.proctrack != "cgroup":
+        return "# proctrack/linuxproc: no cgroups\n"
+    return "\n".join([
+        "CgroupPlugin=cgroup/v1",
+        "CgroupAutomount=no",
+        "ConstrainCores=yes",
+        "ConstrainRAMSpace=yes",
+        "ConstrainSwapSpace=no",
+    ]) + "\n"  # fmt: skip
 
 
 def plugstack_conf(layout: Layout) -> str:

@@ -30,7 +30,15 @@ from types import TracebackType
 from . import VENV
 from .labstate import LAB_ROOT, LabError, Teardown, allocate, cleanup_stale
 from .machine import Machine, die_with_parent, make_bridge, plug, setup_script
-from .slurmconf import CTL_NAME, Layout, hosts, plugstack_conf, resolv_conf, slurm_conf
+from .slurmconf import (
+    CTL_NAME,
+    Layout,
+    cgroup_conf,
+    hosts,
+    plugstack_conf,
+    resolv_conf,
+    slurm_conf,
+)
 from .users import ensure_users
 
 __all__ = ["SHIFTER_PRIVATE_DIRS", "Cluster", "LabError", "cleanup_stale"]
@@ -51,7 +59,11 @@ class Cluster:
         epilog: str | None = None,
         plugstack: Sequence[str] = (),
         private_dirs: Sequence[str] = (),
+        proctrack: str = "cgroup",
+        prolog_flags: str = "Alloc,Contain,DeferBatch",
     ) -> None:
+        self.proctrack = proctrack
+        self.prolog_flags = prolog_flags
         self.node_count = nodes
         self.prolog = prolog
         self.epilog = epilog
@@ -70,9 +82,10 @@ class Cluster:
         cleanup_stale()
         index, root = allocate()
         subnet = f"10.77.{index}"
-        layout = Layout(root, subnet, self.node_count, self.prolog, self.epilog, self.plugstack)
+        layout = Layout(root, subnet, self.node_count, self.prolog, self.epilog, self.plugstack,
+                        self.proctrack, self.prolog_flags)  # fmt: skip
         self._layout = layout
-        self._teardown = Teardown(root, index)
+        self._teardown = Teardown(root, index, layout.node_names)
         # The finalizer holds only the Teardown, so a forgotten or failed cluster is
         # still taken down when it is collected or when the interpreter exits.
         weakref.finalize(self, self._teardown.run)
@@ -138,6 +151,7 @@ class Cluster:
         os.chmod(layout.out_dir, 0o1777)  # job scripts and output, written as the users
         for name, text in (
             ("slurm.conf", slurm_conf(layout)),
+            ("cgroup.conf", cgroup_conf(layout)),
             ("plugstack.conf", plugstack_conf(layout)),
             ("hosts", hosts(layout)),
             ("resolv.conf", resolv_conf()),

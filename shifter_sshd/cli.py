@@ -98,6 +98,28 @@ def cmd_epilog(args: argparse.Namespace) -> int:
     return epilog.main(args.config)
 
 
+def cmd_adopt(args: argparse.Namespace) -> int:
+    """The SPANK plugin, in the job's extern step: put the job's sshd into it."""
+    from . import jobstep, log, slurmstepd
+    from .state import StateStore
+
+    if not args.job.isdigit():
+        raise ShifterError("adopt", "malformed job id", args.job, "usage")
+    config = _config(args)
+    store = StateStore(config.state_path)
+    state = store.load(args.job)
+    if state is None or not state.sshd_pid or not config.sshd_job_containment:
+        return EXIT_OK  # no container sshd here: nothing to adopt
+    try:
+        jobstep.adopt(args.job, state.sshd_pid, state.sshd_start_time)
+    except slurmstepd.StepdError as err:
+        message = f"shifter-sshd: adopt: job {args.job}: cannot put the sshd into the job: {err}"
+        log.error(message)
+        store.write_error(args.job, message, state.uid)  # the job's tasks say it too
+        return EXIT_NODE
+    return EXIT_OK
+
+
 def cmd_udiimage_build(args: argparse.Namespace) -> int:
     from . import udiimage
 
@@ -157,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     req.add_argument("--volume", default=None)
     req.add_argument("--module", default=None)
     req.set_defaults(func=cmd_request)
+
+    ado = sub.add_parser("adopt", help="put a job's sshd into its extern step (the SPANK "
+                         "plugin runs this in the extern step)")  # fmt: skip
+    ado.add_argument("job")
+    ado.set_defaults(func=cmd_adopt)
 
     sub.add_parser("prolog", help="Slurm Prolog: build this node's container for the job"
                    ).set_defaults(func=cmd_prolog)  # fmt: skip

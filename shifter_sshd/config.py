@@ -63,6 +63,7 @@ class Config:
     modules: tuple[Module, ...] = ()
     enable_sshd: bool = True
     sshd_port: int = 1204
+    sshd_job_containment: bool = True
     ssh_key_secret: str = "/etc/shifter/ssh_key_secret"  # noqa: S105 - a path
     ssh_cert_grace: int = 600
     ssh_cert_max_lifetime: int = 7 * 24 * 3600
@@ -105,6 +106,7 @@ KEYS: dict[str, tuple[str, Parser, bool]] = {
     "defaultModules": ("default_modules", v.names, True),
     "enableSshd": ("enable_sshd", v.boolean, False),
     "sshdPort": ("sshd_port", v.int_range(1, 65535), False),
+    "sshdJobContainment": ("sshd_job_containment", v.boolean, False),
     "sshKeySecret": ("ssh_key_secret", v.path, False),
     "sshCertGrace": ("ssh_cert_grace", v.int_range(0, 7 * 24 * 3600), False),
     "sshCertMaxLifetime": ("ssh_cert_max_lifetime", v.int_range(60, 366 * 24 * 3600), False),

@@ -14,8 +14,19 @@ from .errors import user_error
 
 UDI_BIN = "/opt/udiImage/bin"
 # Inside a Slurm job Open MPI and MPICH's Hydra would pick srun, which the
-# container does not have (FINDINGS): keep them on ssh.
-LAUNCHERS = {"OMPI_MCA_plm": "rsh", "HYDRA_LAUNCHER": "ssh", "I_MPI_HYDRA_BOOTSTRAP": "ssh"}
+# container does not have (FINDINGS): keep them on ssh; pdsh too (its default, rsh,
+# has no server in the container).
+LAUNCHERS = {"OMPI_MCA_plm": "rsh", "HYDRA_LAUNCHER": "ssh", "I_MPI_HYDRA_BOOTSTRAP": "ssh",
+             "PDSH_RCMD_TYPE": "ssh"}  # fmt: skip
+# What an ssh session gets of the job (the Prolog's environment): job-level variables
+# only, never a step's or a task's (SLURM_STEP_ID, SLURM_PROCID...), which would lie.
+JOB_VARIABLES = (
+    "SLURM_JOB_ID", "SLURM_JOBID", "SLURM_JOB_USER", "SLURM_JOB_UID", "SLURM_JOB_GID",
+    "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NNODES",
+    "SLURM_JOB_CPUS_PER_NODE", "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT",
+    "SLURM_JOB_QOS", "SLURM_JOB_RESERVATION", "SLURM_CLUSTER_NAME", "SLURMD_NODENAME",
+    "SLURM_JOB_START_TIME", "SLURM_JOB_END_TIME",
+)  # fmt: skip
 
 
 def _apply(env: dict[str, str], source: Config | Module) -> None:
@@ -58,3 +69,40 @@ def container_env(
     env.update(hostsfile.ENVIRONMENT)
     env.update(extra or {})
     return env
+
+
+def job_variables(job_env: Mapping[str, str], tasks: list[int]) -> dict[str, str]:
+    """The job's variables for ssh sessions, from the environment slurmd gave the Prolog.
+
+    Slurm 22.05 gives the Prolog SLURM_NODELIST and SLURM_JOB_NUM_NODES; a batch
+    script also has SLURM_JOB_NODELIST and SLURM_NNODES: sessions get both names.
+    SLURM_TASKS_PER_NODE is the job's layout, as the batch script sees it: Open MPI,
+    seeing a Slurm job, reads the allocation from it and SLURM_NODELIST.
+    """
+    env = {name: job_env[name] for name in JOB_VARIABLES if job_env.get(name)}
+    for one, other in (
+        ("SLURM_JOB_NODELIST", "SLURM_NODELIST"),
+        ("SLURM_NNODES", "SLURM_JOB_NUM_NODES"),
+        ("SLURM_JOBID", "SLURM_JOB_ID"),
+    ):
+        if other in env and one not in env:
+            env[one] = env[other]
+        if one in env and other not in env:
+            env[other] = env[one]
+    if tasks:
+        env["SLURM_TASKS_PER_NODE"] = compress_counts(tasks)
+    return {name: value for name, value in env.items() if "\n" not in value}
+
+
+def compress_counts(counts: list[int]) -> str:
+    """[2, 2, 2, 1] -> ``2(x3),1``, Slurm's way of writing per-node counts."""
+    parts: list[str] = []
+    run_value, run_length = counts[0], 0
+    for count in [*counts, None]:
+        if count == run_value:
+            run_length += 1
+            continue
+        parts.append(f"{run_value}(x{run_length})" if run_length > 1 else str(run_value))
+        if count is not None:
+            run_value, run_length = count, 1
+    return ",".join(parts)

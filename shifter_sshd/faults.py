@@ -1,8 +1,9 @@
 """Fault injection for the tests: make any prolog or teardown step fail or die.
 
-``SHIFTER_SSHD_FAULT=<raise|kill>:<step name>``. slurmd passes a job's user only
-SPANK_* variables, so no job can set this; it exists for the fault-injection suite,
-which kills the prolog and epilog at every step and checks the next run cleans up.
+``SHIFTER_SSHD_FAULT=<raise|kill>:<step name>`` or ``delay:<step name>:<seconds>``.
+slurmd passes a job's user only SPANK_* variables, so no job can set this; it exists
+for the fault-injection suite, which kills the prolog and epilog at every step and
+checks the next run cleans up, and for the cluster test that slows one node's prolog.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ def inject(step: str) -> None:
     if not setting:
         return
     action, _sep, name = setting.partition(":")
+    name, _sep, seconds = name.partition(":")
     if name != step:
         return
+    if action == "delay":
+        import time
+
+        time.sleep(float(seconds or 1))
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "raise":

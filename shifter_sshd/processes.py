@@ -91,6 +91,16 @@ def _belongs(pid: int, root: str, areas: tuple[str, ...], uid: int, cgroup: set[
         return False  # gone, or a kernel thread
 
 
+def parent(pid: int) -> int | None:
+    """The parent pid, or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    return int(raw[raw.rfind(b")") + 2 :].split()[1])
+
+
 def owner(pid: int) -> int:
     """The uid owning ``pid``, or -1 when it is gone."""
     try:
@@ -99,15 +109,14 @@ def owner(pid: int) -> int:
         return -1
 
 
-def leftover(pid: int, job_id: str) -> bool:
-    """Whether ``pid`` is in no Slurm job's cgroup other than ``job_id``'s."""
+def slurm_jobs(pid: int) -> set[str] | None:
+    """The Slurm jobs whose cgroups hold ``pid`` (none: outside every job); None if gone."""
     try:
         with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as handle:
             text = handle.read()
     except OSError:
-        return False
-    jobs = set(re.findall(r"/job_(\d+)(?=/|$)", text, re.MULTILINE))
-    return jobs <= {job_id}
+        return None
+    return set(re.findall(r"/job_(\d+)(?=/|$)", text, re.MULTILINE))
 
 
 def kill_now(pids: list[int], wait: float = 2.0) -> None:

@@ -43,7 +43,7 @@ class Setup:
     allocation: list[tuple[str, int]] = field(default_factory=list)
     key_set: keys.NodeKeySet | None = None
     env: dict[str, str] = field(default_factory=dict)  # the container's environment
-    exclusive: bool | None = None  # from slurm.job_details; None: Slurm did not say
+    exclusive: bool | None = None  # from slurm.query; None: not run by slurmd
     end_time: int | None = None
     job_env: dict[str, str] = field(default_factory=dict)
     job_dirs: list[int] = field(default_factory=list)  # udiMount/<job>, loopMount/<job>
@@ -87,21 +87,21 @@ def step_request(s: Setup) -> None:
 def _ask_slurm(s: Setup) -> None:
     """Tasks per node, end time and exclusivity: slurmctld knows, the environment not.
 
-    Without an answer the hostsfile counts CPUs, certificates get the longest
-    lifetime, an sshd still starts (it admits the job user only), and no other job's
-    container is touched (it might be a live job sharing the node).
+    One query for this job (``slurm.query``). When slurmctld cannot answer, the job
+    fails (its error says why; the node stays in service): every node of a job works
+    from the same facts or none.
     """
-    conf = s.job_env.get("SLURM_CONF", "")
-    if not conf or not os.path.exists(conf):
+    if not s.job_env.get("SLURM_CONF"):
         log.debug("prolog: no SLURM_CONF (not run by slurmd?): using the job environment only")
-        s.exclusive = None
         return
     from . import slurm
 
-    details = slurm.job_details(s.job_env)
-    if details is None:
-        s.exclusive = None
-        return
+    try:
+        details = slurm.query(s.job_env)
+    except ShifterError as err:
+        log.error(f"{err} (job {s.job.job_id})")
+        raise user_error("slurm", "slurmctld could not tell this job's details; the job "
+                         "cannot start (resubmit it)", err.value) from None  # fmt: skip
     s.exclusive, s.end_time = details.exclusive, details.end_time
     if details.tasks_per_node and len(details.tasks_per_node) == len(s.allocation):
         nodes = [node for node, _cpus in s.allocation]
@@ -111,26 +111,21 @@ def _ask_slurm(s: Setup) -> None:
 
 
 def step_leftovers(s: Setup) -> None:
-    """A prolog run again for the same job (requeue, retry) starts from nothing, and an
-    exclusive job owns the node: any other job's container here is a dead job's."""
-    others = [j for j in _jobs_on_node(s) if j != s.job.job_id] if s.exclusive else []
-    for job_id in [s.job.job_id, *others]:
+    """A prolog run again for the same job (requeue, retry) starts from nothing, and
+    containers of jobs that no longer run on this node go (``leftovers``)."""
+    from . import leftovers
+
+    slurm_conf = s.job_env.get("SLURM_CONF", "")
+    dead = leftovers.dead(s.config, s.store, s.job.job_id, s.exclusive, slurm_conf)
+    for job_id in [s.job.job_id, *dead]:
         root, _scratch = rootfs.job_dirs(s.config, job_id)
-        if s.store.load(job_id) is None and not os.path.exists(root):
+        if job_id != s.job.job_id:
+            log.info(f"prolog: job {s.job.job_id}: job {job_id} no longer runs here: "
+                     "removing its container")  # fmt: skip
+        elif s.store.load(job_id) is None and not os.path.exists(root):
             continue
-        log.info(f"prolog: job {s.job.job_id}: removing an earlier container of job {job_id}")
         if not teardown.teardown(s.config, s.store, job_id):
             raise node_error("prolog", "cannot remove an earlier container", root)
-
-
-def _jobs_on_node(s: Setup) -> list[str]:
-    found = set(s.store.job_ids())
-    for area in (s.config.udi_mount, s.config.loop_mount):
-        try:
-            found.update(name for name in os.listdir(area) if name.isdigit())
-        except FileNotFoundError:
-            pass
-    return sorted(found)
 
 
 def step_mount_points(s: Setup) -> None:
@@ -208,7 +203,25 @@ def step_ssh_keys(s: Setup) -> None:
         from . import sshfiles
 
         assert s.user is not None
+        _check_containment(s)
         s.key_set = sshfiles.derive(s.config, s.job, s.user, s.end_time)
+
+
+def _check_containment(s: Setup) -> None:
+    """The sshd will be the job's (jobstep): slurm.conf must let it be."""
+    conf = s.job_env.get("SLURM_CONF", "")
+    if not conf:
+        return  # run by hand, not by slurmd: there is no job step to join
+    from . import jobstep
+
+    if not s.config.sshd_job_containment:
+        log.warning(f"prolog: job {s.job.job_id}: sshdJobContainment=0: the sshd and its "
+                    "sessions run outside the job's cgroups")  # fmt: skip
+        return
+    problems = jobstep.missing_requirements(conf)
+    if problems:
+        raise node_error("slurm.conf", f"the container sshd needs {jobstep.REQUIRED} "
+                         "(or sshdJobContainment=0)", "; ".join(problems))  # fmt: skip
 
 
 def step_ssh_files(s: Setup) -> None:
@@ -218,7 +231,9 @@ def step_ssh_files(s: Setup) -> None:
 
     assert s.user is not None
     hosts = [node for node, _tasks in s.allocation]
-    etc_dir = sshfiles.write_etc(s.tree, s.config, s.user, s.key_set, hosts, s.env)
+    tasks = [count for _node, count in s.allocation]
+    session_env = {**s.env, **environment.job_variables(s.job_env, tasks)}
+    etc_dir = sshfiles.write_etc(s.tree, s.config, s.user, s.key_set, hosts, session_env)
     try:
         sshfiles.install(s.tree, etc_dir, s.user, s.key_set)
     finally:
@@ -236,15 +251,34 @@ def step_sshd(s: Setup) -> None:
     s.state.sshd_pid, s.state.sshd_start_time = pid, processes.start_time(pid) or 0
     s.store.save(s.state)
     sshd.wait_ready(pid, s.config.sshd_port, s.tree.ssh)
+    _adopt_if_in_job(s)
+
+
+def _adopt_if_in_job(s: Setup) -> None:
+    """With PrologFlags=RunInJob the extern step exists already: adopt the sshd now.
+
+    Otherwise the SPANK plugin adopts it from the extern step, once Slurm made it.
+    """
+    if not (s.config.sshd_job_containment and s.job_env.get("SLURM_CONF")):
+        return
+    from . import jobstep, slurmstepd
+
+    if slurmstepd.extern_socket(s.job.job_id) is None:
+        return
+    try:
+        jobstep.adopt(s.job.job_id, s.state.sshd_pid, s.state.sshd_start_time)
+    except slurmstepd.StepdError as err:
+        raise node_error("sshd", "cannot put the sshd into the job's extern step", err) from None
 
 
 def _free_port(s: Setup, holders: list[int]) -> None:
     """A leftover holding the sshd port goes; anyone else's process means no sshd.
 
-    On a node the job has to itself, a user's process outside any other job is a
-    leftover of an earlier job (its epilog never ran): it is killed. A root process
-    on the port is the site's configuration clashing with a service: the node's
-    problem. Anything else is the job's problem: a clear error, and no sshd.
+    On a node the job has to itself, a user's process in no running job (no job
+    cgroup, or one of a job no stepd on this node still serves) is a leftover of an
+    earlier job whose epilog never ran: it is killed. A root process on the port is
+    the site's configuration clashing with a service: the node's problem. Anything
+    else is the job's problem: a clear error, and no sshd.
     """
     if not holders:
         return
@@ -253,12 +287,19 @@ def _free_port(s: Setup, holders: list[int]) -> None:
     port, described = s.config.sshd_port, sshd.describe(holders)
     if any(processes.owner(pid) == 0 for pid in holders):
         raise node_error("sshd", f"sshdPort {port} is held by a root process", described)
-    if s.exclusive is not True or not all(processes.leftover(p, s.job.job_id) for p in holders):
+    if s.exclusive is not True or not all(_leftover(p, s.job.job_id) for p in holders):
         raise user_error("sshd", f"port {port} is held by another process", described)
     log.warning(f"prolog: job {s.job.job_id}: killing leftovers holding port {port}: {described}")
     processes.kill_now(holders)
     if sshd.port_holders(port):
         raise user_error("sshd", f"port {port} is still held after killing leftovers", described)
+
+
+def _leftover(pid: int, job_id: str) -> bool:
+    from . import processes, slurmstepd
+
+    jobs = processes.slurm_jobs(pid)
+    return jobs is not None and all(j == job_id or not slurmstepd.job_running(j) for j in jobs)
 
 
 def step_finish(s: Setup) -> None:

@@ -1,36 +1,37 @@
 """What the prolog needs from slurmctld beyond the environment slurmd gives it.
 
-slurmd hands a Prolog no time limit, no task count and no sharing mode (FINDINGS), yet
-the prolog needs all three: the tasks per node for /var/hostsfile, the job's end for the
-certificates' validity, and whether the job has its nodes to itself (Shifter gives jobs
-that share their nodes no container sshd: two jobs' sshds would fight over one port).
+slurmd hands a Prolog no task count, and before Slurm 23.02 no end time and no
+sharing mode either (FINDINGS), yet the prolog needs all three: the tasks per node
+for /var/hostsfile, the job's end for the certificates' validity, and whether the
+job has its nodes to itself (Shifter gives jobs that share their nodes no container
+sshd: two jobs' sshds would fight over one port).
 
-Source: ``/usr/bin/squeue --json`` (absolute: the prolog has no PATH; SLURM_CONF comes
-from the environment). Slurm 22.05 ignores ``-j`` with ``--json``, so the whole queue
-comes back and the job is picked out here; on a busy cluster that is tens of MB, so the
-job's own record is cut out of the text and only that is parsed (a full parse is the
-fallback). Every failure (slurmctld silent, squeue missing, job not listed, output not
-understood) gives ``None`` from :func:`job_details` with one logged warning; the
-prolog then falls back to what the environment says.
+One job, one cheap question: ``squeue -h -j <id> -O ...`` asks slurmctld for this
+job alone (squeue's single-job request), whatever the queue holds, and prints only
+numbers and enumerations (no job name, comment or path a user could fill with text
+that looks like another field), with ``SLURM_TIME_FORMAT=%s`` for epoch seconds.
+Where the Prolog environment has a fact (``SLURM_JOB_END_TIME``,
+``SLURM_JOB_OVERSUBSCRIBE`` from 23.02, ``SLURM_JOB_EXCLUSIVE`` from 26.05), it wins:
+it is the same on every node by construction.
 
-What squeue --json (openapi v0.0.38) reports, verified on the virtual cluster:
+Every node of a job derives the same facts from the same answer, or fails the same
+way: when slurmctld does not answer, :func:`query` raises, the prolog turns that into
+the job's error (the node stays in service), and Slurm's own message is in the log.
 
-- ``shared``: ``"none"`` for ``--exclusive`` and for a partition with
-  ``OverSubscribe=EXCLUSIVE``; ``null`` for the default (partition ``OverSubscribe=NO``
-  or ``YES``: the job gets cores, other jobs may get the node's other cores);
-  ``"shared"`` for ``--oversubscribe`` or ``OverSubscribe=FORCE``; ``"user"`` and
-  ``"mcs"`` for ``--exclusive=user|mcs``. It is the same packed field ``scontrol show
-  job`` prints as ``OverSubscribe=NO|OK|YES|USER|MCS``. Only ``"none"`` means the
-  nodes are the job's alone, the test Shifter applies (``shared != 0``).
-- ``tasks``: ``-n``, or the node count when no ``-n`` was given (indistinguishable);
-  ``tasks_per_node``: ``--ntasks-per-node`` or 0; ``cpus_per_task``: null even with
-  ``-c`` in 22.05, so it is used only when it is a number.
-- ``end_time``: start plus the time limit (plus one year when the limit is infinite).
+What the fields mean (verified on the virtual cluster, Slurm 22.05):
+
+- ``OverSubscribe``: ``NO`` for ``--exclusive`` and partitions with
+  ``OverSubscribe=EXCLUSIVE``; ``OK`` for the default (the job gets cores, other jobs
+  may get the node's other cores); ``YES`` for ``--oversubscribe``; ``USER`` and
+  ``MCS`` for ``--exclusive=user|mcs``. Only ``NO`` means the nodes are the job's
+  alone, the test Shifter applies.
+- ``NumTasks``: ``-n``, or the node count when no ``-n`` was given (indistinguishable);
+  ``NTPerNode``: ``--ntasks-per-node`` or 0; ``cpus-per-task``: ``-c`` or 1.
+- ``EndTime``: start plus the time limit (plus one year when the limit is infinite).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from collections.abc import Mapping
@@ -44,6 +45,9 @@ from .job import expand_cpus_per_node, job_id_from_env
 
 SQUEUE = "/usr/bin/squeue"
 WHERE = "slurm"
+# The fields asked for, in order; none can hold free text.
+FIELDS = ("JobID", "NumTasks", "NTPerNode", "cpus-per-task", "OverSubscribe", "EndTime",
+          "NumNodes")  # fmt: skip
 # What a prolog may inherit besides SLURM_*: enough for squeue, nothing of the job's.
 _PASS_ENV = ("SLURM_CONF", "TZ", "LANG", "LC_ALL")
 
@@ -58,24 +62,26 @@ class JobDetails:
     source: str  # "squeue" or "pyslurm", for the log
 
 
-def job_details(env: Mapping[str, str], timeout: float = 5.0) -> JobDetails | None:
-    """The job's details, or None (with a warning logged) when Slurm cannot say.
-
-    Never raises a ShifterError: a silent slurmctld must not drain a node.
-    """
-    try:
-        return query(env, timeout)
-    except ShifterError as err:
-        log.warning(f"{err} (using the job environment only)")
-        return None
-
-
-def query(env: Mapping[str, str], timeout: float = 5.0) -> JobDetails:
-    """Like :func:`job_details`, but raises ShifterError saying what went wrong."""
+def query(env: Mapping[str, str], timeout: float = 15.0) -> JobDetails:
+    """The job's details; ShifterError (with Slurm's own words) when Slurm cannot say."""
     job_id = int(job_id_from_env(env))
     backend = _pyslurm_record if _pyslurm_available() else _squeue_record
     record, source = backend(job_id, env, timeout)
-    return details_from_record(record, env, source)
+    return details_from_record(_with_environment(record, env), env, source)
+
+
+def _with_environment(record: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Facts the Prolog environment has (Slurm 23.02 and later) win over the query's."""
+    merged = dict(record)
+    end = env.get("SLURM_JOB_END_TIME", "")
+    if end.isdigit():
+        merged["end_time"] = int(end)
+    exclusive = env.get("SLURM_JOB_EXCLUSIVE", "")  # 26.05: NO, NODE, USER, MCS, TOPO
+    if exclusive:
+        merged["shared"] = "none" if exclusive.upper() == "NODE" else "shared"
+    elif env.get("SLURM_JOB_OVERSUBSCRIBE"):  # 23.02-25.11: NO means exclusive
+        merged["shared"] = "none" if env["SLURM_JOB_OVERSUBSCRIBE"].upper() == "NO" else "ok"
+    return merged
 
 
 # --- squeue ---------------------------------------------------------------------------
@@ -85,10 +91,11 @@ def _squeue_record(
     job_id: int, env: Mapping[str, str], timeout: float
 ) -> tuple[dict[str, Any], str]:
     child_env = {k: env[k] for k in _PASS_ENV if k in env}
-    child_env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+    child_env.update(PATH="/usr/sbin:/usr/bin:/sbin:/bin", SLURM_TIME_FORMAT="%s")
+    fields = ",".join(f"{name}:|" for name in FIELDS)
     try:
         done = subprocess.run(
-            [SQUEUE, "--json"],
+            [SQUEUE, "-h", "-j", str(job_id), "-O", fields],
             capture_output=True,
             env=child_env,
             timeout=timeout,
@@ -104,53 +111,25 @@ def _squeue_record(
         raise node_error(
             WHERE, f"squeue failed (exit {done.returncode})", detail[-1] if detail else SQUEUE
         )
-    return find_job(done.stdout, job_id), "squeue"
+    return parse_squeue(done.stdout.decode(errors="replace"), job_id), "squeue"
 
 
-def find_job(output: bytes | str, job_id: int) -> dict[str, Any]:
-    """The record of ``job_id`` in ``squeue --json`` output.
-
-    A busy cluster's output is tens of MB (about 4.4 kB a job) and a full ``json.loads``
-    takes some 200 ms for 5,000 jobs. JSON strings cannot hold a raw newline, so in
-    Slurm's indented output the line ``      "job_id": N,`` is the job's key and the
-    lines ``    {`` and ``    }`` around it bound its record: only that is parsed
-    (about 10 ms). Output laid out otherwise is parsed whole.
-    """
-    text = output.decode(errors="replace") if isinstance(output, bytes) else output
-    record = _cut_record(text, job_id)
-    if record is not None:
+def parse_squeue(output: str, job_id: int) -> dict[str, Any]:
+    """The job's line of ``squeue -h -j ID -O <FIELDS, each ending in '|'>``."""
+    for line in output.splitlines():
+        values = [v.strip() for v in line.split("|")]
+        if len(values) < len(FIELDS) or values[0] != str(job_id):
+            continue
+        raw = dict(zip(FIELDS, values, strict=False))
+        record: dict[str, Any] = {"job_id": job_id}
+        for field, key in (("NumTasks", "tasks"), ("NTPerNode", "tasks_per_node"),
+                           ("cpus-per-task", "cpus_per_task"), ("EndTime", "end_time"),
+                           ("NumNodes", "node_count")):  # fmt: skip
+            if raw[field].isdigit():
+                record[key] = int(raw[field])
+        record["shared"] = "none" if raw["OverSubscribe"] == "NO" else raw["OverSubscribe"].lower()
         return record
-    try:
-        data = json.loads(text)
-    except ValueError as err:
-        raise node_error(WHERE, "squeue --json output is not JSON", err) from None
-    jobs = data.get("jobs") if isinstance(data, dict) else None
-    if not isinstance(jobs, list):
-        raise node_error(WHERE, "squeue --json output has no job list", text[:80])
-    for job in jobs:
-        if isinstance(job, dict) and job.get("job_id") == job_id:
-            return job
-    raise node_error(WHERE, "job not in squeue's list", job_id)
-
-
-def _cut_record(text: str, job_id: int) -> dict[str, Any] | None:
-    key = f'\n      "job_id": {job_id}'
-    at = text.find(key)
-    while at >= 0 and text[at + len(key)] not in ",\n":
-        at = text.find(key, at + 1)  # job 12 while looking for job 1
-    if at < 0:
-        return None
-    start = text.rfind("\n    {\n", 0, at + 1)  # the key may be the first
-    end = text.find("\n    }", at)
-    if start < 0 or end < 0:
-        return None
-    try:
-        record = json.loads(text[start : end + 6])
-    except ValueError:
-        return None
-    if not isinstance(record, dict) or record.get("job_id") != job_id:
-        return None
-    return record
+    raise node_error(WHERE, "job not in squeue's answer", f"{job_id}: {output.strip()[:200]!r}")
 
 
 # --- pyslurm (optional) ---------------------------------------------------------------
@@ -169,12 +148,12 @@ def _pyslurm_available() -> bool:
 def _pyslurm_record(
     job_id: int, env: Mapping[str, str], timeout: float
 ) -> tuple[dict[str, Any], str]:
-    """One job through libslurm (a single-job RPC, no queue dump). UNTESTED HERE.
+    """One job through libslurm (a single-job RPC). UNTESTED HERE.
 
-    pyslurm builds only against Slurm 25.11 (FINDINGS), so this path never runs on
-    the 22.05 lab. It maps pyslurm >= 23's ``Job`` attributes onto squeue's field
-    names and leaves to :func:`details_from_record` what it cannot find. ``timeout``
-    is libslurm's own (MessageTimeout): pyslurm offers no per-call limit.
+    pyslurm builds only against Slurm 25.11 (FINDINGS), so this path never runs in
+    the lab. It maps pyslurm >= 23's ``Job`` attributes onto the field names
+    :func:`details_from_record` reads. ``timeout`` is libslurm's own
+    (MessageTimeout): pyslurm offers no per-call limit.
     """
     import pyslurm
 
@@ -185,7 +164,6 @@ def _pyslurm_record(
     sharing = getattr(job, "resource_sharing", getattr(job, "shared", None))
     record: dict[str, Any] = {
         "job_id": job_id,
-        "nodes": getattr(job, "nodes", None),
         "node_count": getattr(job, "num_nodes", None),
         "tasks": getattr(job, "ntasks", None),
         "tasks_per_node": getattr(job, "ntasks_per_node", None),
@@ -222,10 +200,10 @@ def _tasks(record: Mapping[str, Any], env: Mapping[str, str]) -> list[int] | Non
     nodes = int(count) if count.isdigit() else len(expand_nodelist(node_list))
     if nodes == 0:
         return None
-    if record.get("nodes") not in (None, node_list):
+    if record.get("node_count") not in (None, nodes):
         log.warning(
-            f"shifter-sshd: {WHERE}: squeue's node list is not SLURM_NODELIST: "
-            f"{record.get('nodes')} != {node_list}"
+            f"shifter-sshd: {WHERE}: squeue's node count is not SLURM_NODELIST's: "
+            f"{record.get('node_count')} != {nodes} ({node_list})"
         )
         return None
     try:

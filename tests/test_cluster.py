@@ -187,18 +187,22 @@ def test_image_removed_after_submission(cluster: Cluster, site: Site) -> None:
     assert leftovers(cluster) == {}
 
 
-def test_exclusive_job_replaces_a_dead_jobs_container(cluster: Cluster, site: Site) -> None:
-    """A container left by a job whose epilog never ran (built here by hand) holds the
-    sshd port; the next exclusive job's prolog tears it down and starts its own."""
+def test_a_dead_jobs_container_is_replaced(cluster: Cluster, site: Site) -> None:
+    """A container left by a job whose epilog never ran (built here by hand, finished a
+    while ago) holds the sshd port; no stepd of that job lives on the node, so the next
+    job's prolog tears it down and starts its own sshd."""
     user = pwd.getpwnam(USER)
     fake = {"SLURM_JOB_ID": "999999", "SLURM_JOB_UID": str(user.pw_uid),
             "SLURM_JOB_GID": str(user.pw_gid), "SLURM_JOB_USER": USER,
             "SLURMD_NODENAME": "node1", "SLURM_NODELIST": "node1", "SLURM_CLUSTER_NAME": "lab",
-            "SPANK_SHIFTER_IMAGE": BUSYBOX}  # fmt: skip
+            "SPANK_SHIFTER_IMAGE": BUSYBOX, "SLURM_CONF": ""}  # fmt: skip
     prolog = f"{site.directory}/prolog.sh"
     done = cluster.run("node1", [prolog], env=fake, check=False)
     assert done.returncode == 0, done.stderr
     assert "999999" in leftovers(cluster)["node1"]
+    backdate = (f"import json; p = '{STATE}/999999.json'; s = json.load(open(p)); "
+                "s['created'] -= 3600; json.dump(s, open(p, 'w'))")  # fmt: skip
+    cluster.run("node1", ["python3", "-c", backdate])
     args = ["-N1", "-w", "node1", "--exclusive", f"--image={BUSYBOX}"]
     state, output = run_job(cluster, "shifter ssh node1 echo NEW-SSHD-OK\n", args)
     assert state == "COMPLETED", output

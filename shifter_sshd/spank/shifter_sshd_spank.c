@@ -140,17 +140,15 @@ static long long now_ms(void)
 }
 
 /*
- * `shifter-sshd [--config C] request --image NAME [--volume V] [--module M]`, run as
- * the submitting user (this process is the user's sbatch) with a clean environment
- * (nothing of the user's PYTHONHOME, PYTHONPATH or LD_PRELOAD reaches it) and a
- * deadline. The rules for images, volumes and modules are the prolog's own. Its
- * stdout is the image id; on failure its stderr is the message. Both pipes are read
- * together, so a chatty child never blocks on a full pipe.
+ * Run `shifter-sshd [--config C] ARGS...` with a clean environment (nothing of the
+ * user's PYTHONHOME, PYTHONPATH or LD_PRELOAD reaches it) and a deadline; collect
+ * its stdout in out and its stderr in msg, reading both pipes together so a chatty
+ * child never blocks on a full pipe. 0 when it exited 0.
  */
-static int check_request(char *id, char *msg)
+static int run_helper(const char **args, char *out, size_t out_len, char *msg)
 {
-	int out[2] = { -1, -1 }, err[2] = { -1, -1 }, status = 0;
-	const char *argv[12];
+	int outp[2] = { -1, -1 }, errp[2] = { -1, -1 }, status = 0;
+	const char *argv[16];
 	int n = 0;
 	char *const envp[] = { "PATH=/usr/bin:/bin", "LANG=C.UTF-8", NULL };
 	argv[n++] = arg_shifter_sshd;
@@ -158,19 +156,11 @@ static int check_request(char *id, char *msg)
 		argv[n++] = "--config";
 		argv[n++] = arg_config;
 	}
-	argv[n++] = "request";
-	argv[n++] = "--image";
-	argv[n++] = opt_value[OPT_IMAGE];
-	if (opt_value[OPT_VOLUME]) {
-		argv[n++] = "--volume";
-		argv[n++] = opt_value[OPT_VOLUME];
-	}
-	if (opt_value[OPT_MODULE]) {
-		argv[n++] = "--module";
-		argv[n++] = opt_value[OPT_MODULE];
-	}
+	for (int i = 0; args[i] && n < 15; i++)
+		argv[n++] = args[i];
 	argv[n] = NULL;
-	if (pipe2(out, O_CLOEXEC) < 0 || pipe2(err, O_CLOEXEC) < 0) {
+	out[0] = msg[0] = '\0';
+	if (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0) {
 		snprintf(msg, MSG_MAX, "pipe: %s", strerror(errno));
 		goto fail;
 	}
@@ -181,19 +171,18 @@ static int check_request(char *id, char *msg)
 	}
 	if (pid == 0) {
 		int devnull = open("/dev/null", O_RDONLY);
-		if (devnull < 0 || dup2(devnull, STDIN_FILENO) < 0 || dup2(out[1], STDOUT_FILENO) < 0 ||
-		    dup2(err[1], STDERR_FILENO) < 0)
+		if (devnull < 0 || dup2(devnull, STDIN_FILENO) < 0 || dup2(outp[1], STDOUT_FILENO) < 0 ||
+		    dup2(errp[1], STDERR_FILENO) < 0)
 			_exit(126);
 		execve(arg_shifter_sshd, (char *const *)argv, envp);
 		dprintf(STDERR_FILENO, "cannot run %s: %s", arg_shifter_sshd, strerror(errno));
 		_exit(127);
 	}
-	close(out[1]);
-	close(err[1]);
-	out[1] = err[1] = -1;
-	size_t id_used = 0, msg_used = 0;
-	id[0] = msg[0] = '\0';
-	struct pollfd fds[2] = { { out[0], POLLIN, 0 }, { err[0], POLLIN, 0 } };
+	close(outp[1]);
+	close(errp[1]);
+	outp[1] = errp[1] = -1;
+	size_t out_used = 0, msg_used = 0;
+	struct pollfd fds[2] = { { outp[0], POLLIN, 0 }, { errp[0], POLLIN, 0 } };
 	long long deadline = now_ms() + (long long)arg_timeout * 1000;
 	int open_fds = 2, timed_out = 0;
 	while (open_fds > 0) {
@@ -210,7 +199,7 @@ static int check_request(char *id, char *msg)
 		for (int i = 0; i < 2; i++) {
 			if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR)))
 				continue;
-			int more = i == 0 ? drain(fds[i].fd, id, ID_MAX, &id_used)
+			int more = i == 0 ? drain(fds[i].fd, out, out_len, &out_used)
 					  : drain(fds[i].fd, msg, MSG_MAX, &msg_used);
 			if (!more) {
 				fds[i].fd = -1;
@@ -223,32 +212,58 @@ static int check_request(char *id, char *msg)
 	pid_t waited;
 	while ((waited = waitpid(pid, &status, 0)) < 0 && errno == EINTR)
 		;
-	close(out[0]);
-	close(err[0]);
-	chomp(id);
+	close(outp[0]);
+	close(errp[0]);
+	chomp(out);
 	chomp(msg);
 	if (timed_out) {
-		snprintf(msg, MSG_MAX, "no answer from %s within %d s (timeout= in plugstack.conf)",
-			 arg_shifter_sshd, arg_timeout);
+		snprintf(msg, MSG_MAX, "no answer from %s %s within %d s (timeout= in plugstack.conf)",
+			 arg_shifter_sshd, args[0], arg_timeout);
 		return -1;
 	}
 	if (waited < 0) {
 		snprintf(msg, MSG_MAX, "waitpid: %s", strerror(errno));
 		return -1;
 	}
-	if (WIFEXITED(status) && WEXITSTATUS(status) == 0 && *id)
+	if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
 		return 0;
 	if (!*msg)
-		snprintf(msg, MSG_MAX, "request check failed (status %d)", status);
+		snprintf(msg, MSG_MAX, "%s %s failed (status %d)", arg_shifter_sshd, args[0], status);
 	return -1;
 fail:
 	for (int i = 0; i < 2; i++) {
-		if (out[i] >= 0)
-			close(out[i]);
-		if (err[i] >= 0)
-			close(err[i]);
+		if (outp[i] >= 0)
+			close(outp[i]);
+		if (errp[i] >= 0)
+			close(errp[i]);
 	}
 	return -1;
+}
+
+/* `shifter-sshd request`: the prolog's own checks for --image, --volume, --module. */
+static int check_request(char *id, char *msg)
+{
+	const char *args[8];
+	int n = 0;
+	args[n++] = "request";
+	args[n++] = "--image";
+	args[n++] = opt_value[OPT_IMAGE];
+	if (opt_value[OPT_VOLUME]) {
+		args[n++] = "--volume";
+		args[n++] = opt_value[OPT_VOLUME];
+	}
+	if (opt_value[OPT_MODULE]) {
+		args[n++] = "--module";
+		args[n++] = opt_value[OPT_MODULE];
+	}
+	args[n] = NULL;
+	if (run_helper(args, id, ID_MAX, msg) < 0)
+		return -1;
+	if (!*id) {
+		snprintf(msg, MSG_MAX, "request check printed no image id");
+		return -1;
+	}
+	return 0;
 }
 
 static int resolve_request(char *id)
@@ -360,6 +375,41 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	chomp(msg);
 	/* This process is the task: its stderr is the job's. */
 	dprintf(STDERR_FILENO, "%s\n", *msg ? msg : "shifter-sshd: the container could not be set up");
+	return -1;
+}
+
+#ifndef SLURM_EXTERN_CONT
+#define SLURM_EXTERN_CONT 0xfffffffc
+#endif
+
+/*
+ * In the job's extern step (slurmstepd, root), before Slurm reports the prolog done:
+ * put the container sshd the Prolog started into this step (`shifter-sshd adopt`),
+ * so it and everything started through it belong to the job. No job step, hence no
+ * ssh session, can start before this returns. A failure is the node's (the extern
+ * step would not take the sshd): returning -1 fails the prolog (24.05 and later) or
+ * is logged (22.05); `adopt` also leaves the reason in <job>.error for the job.
+ */
+int slurm_spank_task_post_fork(spank_t sp, int ac, char **av)
+{
+	(void)ac;
+	(void)av;
+	uint32_t job_id, step_id;
+	char job[32], path[4096], out[64], msg[MSG_MAX];
+	if (spank_context() != S_CTX_REMOTE)
+		return 0;
+	if (spank_get_item(sp, S_JOB_STEPID, &step_id) != ESPANK_SUCCESS ||
+	    step_id != SLURM_EXTERN_CONT || spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS)
+		return 0;
+	snprintf(path, sizeof(path), "%s/%u.json", arg_state_path, job_id);
+	if (access(path, F_OK) != 0)
+		return 0; /* no container on this node: nothing to adopt */
+	snprintf(job, sizeof(job), "%u", job_id);
+	const char *args[] = { "adopt", job, NULL };
+	if (run_helper(args, out, sizeof(out), msg) == 0)
+		return 0;
+	char *line = strrchr(msg, '\n') ? strrchr(msg, '\n') + 1 : msg;
+	slurm_error("%s", *line ? line : "shifter-sshd: adopt failed");
 	return -1;
 }
 
