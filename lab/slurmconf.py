@@ -118,6 +118,7 @@ def slurm_conf(layout: Layout) -> str:
         "KillWait=2",
         "InactiveLimit=0",
         "MinJobAge=300",
+        "MaxJobCount=50000",  # benchmarks.bench_query queues 10,000
         "SlurmdTimeout=120",
         "MailProg=/bin/true",
     ]
