@@ -124,6 +124,8 @@ def step_leftovers(s: Setup) -> None:
                      "removing its container")  # fmt: skip
         elif s.store.load(job_id) is None and not os.path.exists(root):
             continue
+        else:
+            log.info(f"prolog: job {job_id}: removing an earlier container of this job")
         if not teardown.teardown(s.config, s.store, job_id):
             raise node_error("prolog", "cannot remove an earlier container", root)
 

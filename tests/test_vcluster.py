@@ -237,7 +237,12 @@ def lab_traces(root: str, index: int) -> list[str]:
     traces += [f"link {n}" for n in lab_links() if n.startswith(f"sslab{index}")]
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     traces += [f"netns {n}" for n in netns.split() if n.startswith("sslab")]
-    traces += [f"cgroup {path}" for path in glob.glob("/sys/fs/cgroup/*/*slurm*")]
+    # Job cgroups in this cluster's own job-id range; the slurm_nodeN directories above
+    # them are shared with any cluster side by side (same node names).
+    first = index * 100_000 + 1
+    for path in glob.glob("/sys/fs/cgroup/*/slurm_node*/uid_*/job_*"):
+        if first <= int(path.rsplit("_", 1)[1]) < first + 100_000:
+            traces.append(f"cgroup {path}")
     if os.path.exists(root):
         traces.append(f"directory {root}")
     return traces
