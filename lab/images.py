@@ -19,7 +19,10 @@ from . import CACHE
 
 MIRROR = "http://deb.debian.org/debian"
 BUSYBOX = "/bin/busybox"
-HELLO_SOURCE = Path(__file__).with_name("mpi_hello.c")
+# The MPI test programs compiled into the Debian images; the cache name carries a
+# digest of their sources, so a changed program rebuilds the image once.
+PROGRAMS = {"mpi_hello": Path(__file__).with_name("mpi_hello.c"),
+            "mpi_pingpong": Path(__file__).with_name("mpi_pingpong.c")}  # fmt: skip
 
 # variant -> (extra packages, MPI compiler wrapper on the host)
 DEBIAN_VARIANTS = {
@@ -60,7 +63,7 @@ def _locked(name: str) -> int:
 def debian_squashfs(variant: str = "openmpi") -> Path:
     """The cached squashfs of a Debian bookworm minbase root with an MPI; built once."""
     packages, mpicc = DEBIAN_VARIANTS[variant]
-    target = Path(CACHE) / f"debian-{variant}.sqsh"
+    target = Path(CACHE) / f"debian-{variant}-{_programs_digest()}.sqsh"
     lock = _locked(f"debian-{variant}")
     try:
         if target.exists():
@@ -72,8 +75,10 @@ def debian_squashfs(variant: str = "openmpi") -> Path:
                  "bookworm", str(tree), MIRROR],
                 check=True, stdout=subprocess.DEVNULL,
             )  # fmt: skip
-            _add_mpi_hello(tree, mpicc)
+            _add_programs(tree, mpicc)
             partial = Path(tmp) / "image.sqsh"
+            for stale in Path(CACHE).glob(f"debian-{variant}*.sqsh"):
+                stale.unlink()  # built from other test programs: never used again
             subprocess.run(
                 ["mksquashfs", str(tree), str(partial), "-comp", "zstd", "-noappend",
                  "-quiet", "-no-progress"],
@@ -85,8 +90,18 @@ def debian_squashfs(variant: str = "openmpi") -> Path:
         os.close(lock)
 
 
-def _add_mpi_hello(tree: Path, mpicc: str) -> None:
-    """Compile the MPI test program on the host (same Debian release) into the tree."""
-    out = tree / "usr" / "local" / "bin" / "mpi_hello"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([mpicc, "-O2", "-o", str(out), str(HELLO_SOURCE)], check=True)
+def _programs_digest() -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, source in sorted(PROGRAMS.items()):
+        digest.update(name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _add_programs(tree: Path, mpicc: str) -> None:
+    """Compile the MPI test programs on the host (same Debian release) into the tree."""
+    bindir = tree / "usr" / "local" / "bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    for name, source in PROGRAMS.items():
+        subprocess.run([mpicc, "-O2", "-o", str(bindir / name), str(source)], check=True)

@@ -1,15 +1,15 @@
 """One namespaced "machine" of the virtual cluster, and the bridge that joins them.
 
-A machine is a tiny PID 1 (the holder) in fresh PID, mount, UTS and network
-namespaces. Everything the machine runs (slurmd, its prolog, the job's tasks) is
-entered into those namespaces with nsenter, so killing the holder makes the kernel
-kill every process of the machine at once, and with the last process the
-namespaces, their mounts (hosts file, private tmpfs, container roots) and the
-machine's veth go too. No /run/netns file and no mount is ever made on the host,
-so nothing can be left there. The holder is also killed when the Python process
-that started it dies (parent-death signal), so even a SIGKILLed test run leaves
-only the bridge and the cluster directory, which lab.vcluster.cleanup_stale()
-removes.
+A machine is a tiny PID 1 (the holder) in fresh PID, mount, UTS, network and IPC
+namespaces, with a /tmp and a /dev/shm of its own. Everything the machine runs
+(slurmd, its prolog, the job's tasks) is entered into those namespaces with
+nsenter, so killing the holder makes the kernel kill every process of the machine
+at once, and with the last process the namespaces, their mounts (hosts file,
+private tmpfs, container roots) and the machine's veth go too. No /run/netns file
+and no mount is ever made on the host, so nothing can be left there. The holder is
+also killed when the Python process that started it dies (parent-death signal), so
+even a SIGKILLed test run leaves only the bridge and the cluster directory, which
+lab.vcluster.cleanup_stale() removes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# Each machine's own files, at the same path in every machine (a tmpfs of its own):
+# its boot id, among them.
+NODE_DIR = "/run/shifter-sshd-lab/node"
+BOOT_ID = f"{NODE_DIR}/boot_id"
 # Interface names are limited to 15 characters: "sslab" + index + "n" + node number.
 IFACE_PREFIX = "sslab"
 HOLDER_MARK = "shifter-sshd-lab-holder"
@@ -74,7 +78,7 @@ class Machine:
         """Start a holder; the cluster root in its argv lets cleanup_stale find it."""
         argv = [
             "unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount-proc",
-            "--mount", "--uts", "--net", "--propagation", "private",
+            "--mount", "--uts", "--net", "--ipc", "--propagation", "private",
             sys.executable, "-I", "-S", "-c", _HOLDER, HOLDER_MARK, cluster_root, name,
         ]  # fmt: skip
         launcher = subprocess.Popen(
@@ -94,7 +98,7 @@ class Machine:
 
     def enter(self) -> list[str]:
         """argv prefix that runs a command inside all of this machine's namespaces."""
-        return ["nsenter", "-t", str(self.pid), "-m", "-u", "-n", "-p", "--"]
+        return ["nsenter", "-t", str(self.pid), "-m", "-u", "-n", "-i", "-p", "--"]
 
     def kill(self) -> None:
         """Kill the holder: the kernel then kills everything else in the machine."""
@@ -152,6 +156,18 @@ def setup_script(
     """
     lines = ["set -e", f"hostname {hostname}"]
     lines += [f"mount --bind {source} {target}" for source, target in etc_files]
+    # What a real node has to itself: its /tmp (Slurm's PMIx plugin makes per-step
+    # directories there), its /dev/shm (MPI's shared-memory segments), and its boot id:
+    # UCX takes processes with the same boot id for processes of one machine and tries
+    # shared memory between them. Containers get the id through the lab's siteFs.
+    for path in ("/tmp", "/dev/shm"):
+        lines.append(f"mount -t tmpfs -o mode=1777,size=1g lab-node {path}")
+    lines += [
+        f"mkdir -p {NODE_DIR}",
+        f"mount -t tmpfs -o mode=0755,size=1m lab-node {NODE_DIR}",
+        f"cat /proc/sys/kernel/random/uuid > {BOOT_ID}",
+        f"mount --bind -o ro {BOOT_ID} /proc/sys/kernel/random/boot_id",
+    ]
     for path in private_dirs:
         lines.append(f"mkdir -p {path}")
         lines.append(f"mount -t tmpfs -o mode=0755,size=64m lab-private {path}")

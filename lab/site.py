@@ -18,6 +18,7 @@ from pathlib import Path
 from shifter_sshd import spank
 
 from . import VENV, images
+from .machine import BOOT_ID
 from .vcluster import SHIFTER_PRIVATE_DIRS, Cluster
 
 SHIFTER_SSHD = os.path.join(VENV, "bin", "shifter-sshd")
@@ -93,11 +94,10 @@ def make_site(with_mpich: bool = True) -> Site:
             f"optUdiImage={directory}/udiImage\n"
             f"sshKeySecret={directory}/ssh_key_secret\n"
             f"statePath={STATE}\n"
-            # All virtual nodes share one kernel, hence one boot id: UCX (MPICH's
-            # transport) then takes ranks on other nodes for local ones and tries
-            # System V shared memory across their IPC namespaces. Real nodes differ.
-            "siteEnv=SHIFTER_SITE=lab UCX_TLS=^sysv\n"
+            "siteEnv=SHIFTER_SITE=lab\n"
             "siteFs=/home:/home\n"
+            # Each virtual node's own boot id (lab.machine), as a real node has one.
+            f"siteFs={BOOT_ID}:/proc/sys/kernel/random/boot_id:ro\n"
             "killGrace=2\n"
         ), 0o644)  # fmt: skip
         for what in (["udiimage", "build"], ["secret", "init"]):

@@ -99,7 +99,7 @@ def cmd_epilog(args: argparse.Namespace) -> int:
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
-    """The SPANK plugin, in the job's extern step: put the job's sshd into it."""
+    """The SPANK plugin, in the job's extern step: put the job's processes into it."""
     from . import jobstep, log, slurmstepd
     from .state import StateStore
 
@@ -108,10 +108,10 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     config = _config(args)
     store = StateStore(config.state_path)
     state = store.load(args.job)
-    if state is None or not state.sshd_pid or not config.sshd_job_containment:
-        return EXIT_OK  # no container sshd here: nothing to adopt
+    if state is None or not config.sshd_job_containment:
+        return EXIT_OK  # no container here: nothing to adopt
     try:
-        jobstep.adopt(args.job, state.sshd_pid, state.sshd_start_time)
+        jobstep.adopt(args.job, state)
     except slurmstepd.StepdError as err:
         message = f"shifter-sshd: adopt: job {args.job}: cannot put the sshd into the job: {err}"
         log.error(message)

@@ -9,7 +9,6 @@ ignored (``udiMont=``) would put a container root somewhere nobody expects.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 from . import confvalues as v
@@ -35,6 +34,7 @@ class Module:
     site_env_append: tuple[tuple[str, str], ...] = ()
     site_env_prepend: tuple[tuple[str, str], ...] = ()
     site_env_unset: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()  # modules that cannot be active with this one
     enabled: bool = True
 
 
@@ -55,6 +55,7 @@ class Config:
     site_env_prepend: tuple[tuple[str, str], ...] = ()
     site_env_unset: tuple[str, ...] = ()
     rootfs_type: str = "tmpfs"
+    mount_propagation: str = "private"
     mount_udi_root_writable: bool = True
     max_group_count: int = 31
     default_image_type: str = "docker"
@@ -81,6 +82,8 @@ class Config:
         return None
 
 
+IMAGE_TYPES = ("docker", "custom", "local", "id")
+
 # --- the key table: file key -> (Config field, parser, repeatable) --------------------
 # Repeatable keys accumulate over several lines; a scalar given twice is an error.
 
@@ -101,7 +104,8 @@ KEYS: dict[str, tuple[str, Parser, bool]] = {
     "rootfsType": ("rootfs_type", v.word(("tmpfs", "ramfs")), False),
     "mountUdiRootWritable": ("mount_udi_root_writable", v.boolean, False),
     "maxGroupCount": ("max_group_count", v.int_range(0, 65536), False),
-    "defaultImageType": ("default_image_type", v.word(("docker", "custom", "local")), False),
+    "defaultImageType": ("default_image_type", v.word(IMAGE_TYPES), False),
+    "mountPropagationStyle": ("mount_propagation", v.word(("private", "slave")), False),
     "system": ("system", v.optional_word, False),
     "defaultModules": ("default_modules", v.names, True),
     "enableSshd": ("enable_sshd", v.boolean, False),
@@ -124,43 +128,74 @@ MODULE_KEYS: dict[str, tuple[str, Parser]] = {
     "siteEnvAppend": ("site_env_append", v.env_pairs),
     "siteEnvPrepend": ("site_env_prepend", v.env_pairs),
     "siteEnvUnset": ("site_env_unset", v.env_names),
+    "conflict": ("conflicts", v.names),
     "enabled": ("enabled", v.boolean),
 }
 
-# Shifter keys that mean nothing here: accepted with a warning so a site file works.
-IGNORED_KEYS = frozenset(
-    {
-        "cpPath", "mvPath", "chmodPath", "ddPath", "modprobePath", "insmodPath",
-        "mkfsXfsPath", "kmodBasePath", "kmodCacheFile", "autoLoadKernelModule",
-        "imageGateway", "gatewayTimeout", "udiRootPath", "allowLocalChroot",
-        "batchType", "nodeContextPrefix", "siteResources", "allowLibcPwdCalls",
-        "populateEtcDynamically", "sitePreMountHook", "sitePostMountHook",
-        "siteEnvPath", "enableUserNamespaces", "imageDir",
-    }
-)  # fmt: skip
-IGNORED_MODULE_KEYS = frozenset({"userhook", "roothook", "copyPath", "conflict"})
+# Every other key Shifter's UdiRootConfig.c knows (and a few it knew once), with why it
+# means nothing here: accepted with a warning that says so, never fatal.
+IGNORED_KEYS: dict[str, str] = {
+    "udiRootPath": "shifter-sshd's commands are found where it is installed",
+    "cpPath": "no external tools are run", "mvPath": "no external tools are run",
+    "chmodPath": "no external tools are run", "ddPath": "no external tools are run",
+    "modprobePath": "no kernel modules are loaded", "insmodPath": "no kernel modules are loaded",
+    "mkfsXfsPath": "perNodeCache volumes are not supported",
+    "kmodBasePath": "no kernel modules are loaded", "kmodCacheFile": "no kernel modules are loaded",
+    "autoLoadKernelModule": "no kernel modules are loaded",
+    "perNodeCachePath": "perNodeCache volumes are not supported",
+    "perNodeCacheSizeLimit": "perNodeCache volumes are not supported",
+    "perNodeCacheAllowedFsType": "perNodeCache volumes are not supported",
+    "sitePreMountHook": "no site script runs as root in the prolog (use siteFs and modules)",
+    "sitePostMountHook": "no site script runs as root in the prolog (use siteFs and modules)",
+    "optionalSshdAsRoot": "the sshd always runs as the job user (Shifter ignores it too)",
+    "allowLocalChroot": "local: images are not supported",
+    "allowLibcPwdCalls": "the job user comes from the host's NSS, read by the prolog",
+    "populateEtcDynamically": "/etc is always generated (etcPath files are copied when set)",
+    "imageGateway": "there is no image gateway (images come from shifter-sshd image)",
+    "gatewayTimeout": "there is no image gateway",
+    "nodeContextPrefix": "defunct in Shifter as well",
+    "batchType": "only Slurm is supported",
+    "siteResources": "removed from Shifter in 2017; use modules",
+    "siteEnvPath": "not a Shifter key any more", "enableUserNamespaces": "always on when allowed",
+    "imageDir": "not a Shifter key any more",
+}  # fmt: skip
+IGNORED_MODULE_KEYS: dict[str, str] = {
+    "userhook": "no site script runs in the container on entry",
+    "roothook": "no site script runs as root in the prolog",
+    "copyPath": "nothing is copied into /opt/udiImage (use the module's siteFs)",
+}
 
-_MODULE_KEY = re.compile(r"^module_([A-Za-z0-9-]+)_([A-Za-z]+)$")
 
-
-def _logical_lines(text: str) -> list[tuple[int, str]]:
-    """Join backslash-continued lines and drop comments, keeping first line numbers."""
+def _logical_lines(text: str, path: str, warnings: list[str]) -> list[tuple[int, str]]:
+    """Shifter's reader: ``#`` in the first column starts a comment (nowhere else), a
+    line without ``=`` is skipped, a trailing backslash joins the next line with one
+    space (comment lines inside are skipped, a blank line ends it). Lines whose first
+    non-blank character is ``#`` are comments too (Shifter would refuse them)."""
     lines: list[tuple[int, str]] = []
-    pending = ""
+    pending: list[str] = []
     start = 0
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].rstrip()
-        if not pending:
-            start = number
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
+        stripped = raw.strip()
+        if stripped.startswith("#"):
             continue
-        pending += line
-        if pending.strip():
-            lines.append((start, pending.strip()))
-        pending = ""
-    if pending.strip():
-        lines.append((start, pending.strip()))
+        if pending and not stripped:
+            lines.append((start, " ".join(pending)))
+            pending = []
+            continue
+        if not pending:
+            if "=" not in stripped:
+                if stripped:
+                    warnings.append(f"{path}:{number}: line without '=' ignored: {stripped}")
+                continue
+            start = number
+        if stripped.endswith("\\"):
+            pending.append(stripped[:-1].strip())
+            continue
+        pending.append(stripped)
+        lines.append((start, " ".join(p for p in pending if p)))
+        pending = []
+    if pending:
+        lines.append((start, " ".join(p for p in pending if p)))
     return lines
 
 
@@ -170,45 +205,56 @@ def parse(text: str, path: str = DEFAULT_PATH) -> Config:
     seen: dict[str, int] = {}
     module_values: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
-    for number, line in _logical_lines(text):
+    for number, line in _logical_lines(text, path, warnings):
         where = f"{path}:{number}"
-        key, sep, value = line.partition("=")
+        key, _sep, value = line.partition("=")
         key, value = key.strip(), value.strip()
-        if not sep or not key:
-            raise node_error(where, "expected key=value", line)
         if key in KEYS:
             field_name, parser, repeatable = KEYS[key]
             if key in seen and not repeatable:
-                raise node_error(where, f"{key} given twice (first at line {seen[key]})", value)
+                warnings.append(f"{where}: {key} given again (first at line {seen[key]}): "
+                                "the last one counts, as in Shifter")  # fmt: skip
             seen.setdefault(key, number)
             parsed = parser(where, key, value)
             values[field_name] = values.get(field_name, ()) + parsed if repeatable else parsed
         elif key in IGNORED_KEYS:
-            warnings.append(f"{where}: Shifter key not used by shifter-sshd, ignored: {key}")
-        elif match := _MODULE_KEY.match(key):
-            _module_key(where, match.group(1), match.group(2), value, module_values, warnings)
+            warnings.append(f"{where}: {key} ignored: {IGNORED_KEYS[key]}")
+        elif key.startswith("module_"):
+            _module_key(where, key, value, module_values, warnings)
         else:
             raise node_error(where, f"unknown key{_suggest(key)}", key)
-    modules = tuple(Module(name=name, **fields) for name, fields in sorted(module_values.items()))
+    values["site_fs"] = v.only_mounts(values.get("site_fs", ()), warnings)
+    if values.get("mount_propagation") == "slave":
+        warnings.append(f"{path}: mountPropagationStyle=slave: binds are private copies here, "
+                        "so host mounts made later do not reach running containers")  # fmt: skip
+    modules = tuple(
+        _module(name, fields, warnings) for name, fields in sorted(module_values.items())
+    )
     config = Config(path=path, modules=modules, warnings=tuple(warnings), **values)
     _check_whole(config)
     return config
 
 
-def _module_key(
-    where: str,
-    name: str,
-    subkey: str,
-    value: str,
-    module_values: dict[str, dict[str, Any]],
-    warnings: list[str],
-) -> None:
+def _module_key(where: str, key: str, value: str, module_values: dict[str, dict[str, Any]],
+                warnings: list[str]) -> None:  # fmt: skip
+    """``module_<name>_<subkey>``, split at underscores as Shifter does."""
+    parts = [part for part in key.split("_") if part]
+    if len(parts) < 3:
+        warnings.append(f"{where}: module key without a name and subkey ignored: {key}")
+        return
+    name, subkey = parts[1], parts[2]
+    if len(parts) > 3:
+        warnings.append(f"{where}: module names cannot hold '_' (Shifter reads module {name}, "
+                        f"key {subkey}): {key}")  # fmt: skip
     if subkey in IGNORED_MODULE_KEYS:
-        warnings.append(f"{where}: module key not used by shifter-sshd, ignored: {subkey}")
+        warnings.append(f"{where}: module_{name}_{subkey} ignored: {IGNORED_MODULE_KEYS[subkey]}")
+        module_values.setdefault(name, {})
         return
     if subkey not in MODULE_KEYS:
         choices = ", ".join(sorted(MODULE_KEYS))
-        raise node_error(where, f"unknown module key (known: {choices})", subkey)
+        warnings.append(f"{where}: unknown module key ignored (known: {choices}): {key}")
+        module_values.setdefault(name, {})
+        return
     field_name, parser = MODULE_KEYS[subkey]
     parsed = parser(where, f"module_{name}_{subkey}", value)
     fields = module_values.setdefault(name, {})
@@ -216,6 +262,12 @@ def _module_key(
         fields[field_name] = fields.get(field_name, ()) + parsed
     else:
         fields[field_name] = parsed
+
+
+def _module(name: str, fields: dict[str, Any], warnings: list[str]) -> Module:
+    if "site_fs" in fields:
+        fields = {**fields, "site_fs": v.only_mounts(fields["site_fs"], warnings)}
+    return Module(name=name, **fields)
 
 
 def _suggest(key: str) -> str:

@@ -22,6 +22,7 @@ class SiteMount:
     dest: str
     read_only: bool = False
     recursive: bool = False
+    extra: tuple[str, ...] = ()  # Shifter's flags with no effect here (slave, perNodeCache=...)
 
 
 def path(where: str, key: str, value: str) -> str:
@@ -92,38 +93,73 @@ def optional_word(where: str, key: str, value: str) -> str | None:
     return word()(where, key, value) if value else None
 
 
-SITE_FS_FLAGS = ("ro", "rw", "rec")
+SITE_FS_FLAGS = ("ro", "rw", "rec", "slave", "private", "perNodeCache")
+NO_EFFECT = ("slave", "pernodecache")  # accepted for Shifter's sake, warned about
 
 
-def parse_mount_spec(where: str, spec: str, allowed_flags: tuple[str, ...]) -> SiteMount:
-    """Parse ``source:dest[:flags]``; also used for the user's ``--volume``."""
+def parse_mount_spec(where: str, spec: str, allowed_flags: tuple[str, ...],
+                     site: bool = False) -> SiteMount:  # fmt: skip
+    """``source:dest[:flag[:flag...]]`` (flags also comma-separated), as Shifter's VolumeMap.
+
+    A site entry may be a single path (mounted at the same path). Flags are matched
+    without case; ``perNodeCache=<options>`` keeps its options.
+    """
     parts = spec.split(":")
-    if len(parts) < 2 or len(parts) > 3 or not parts[0] or not parts[1]:
+    if site and len(parts) == 1:
+        parts = [parts[0], parts[0]]
+    if len(parts) < 2 or not parts[0] or not parts[1]:
         raise ShifterError(where, "expected source:destination[:flags]", spec)
     source, dest = parts[0], parts[1]
-    flags = [f for f in parts[2].split(",") if f] if len(parts) == 3 else []
+    flags = [f for part in parts[2:] for f in _split_flags(part) if f]
+    if not site and len(parts) > 3:
+        raise ShifterError(where, "expected source:destination[:flags]", spec)
     for path in (source, dest):
         if not path.startswith("/"):
             raise ShifterError(where, "paths must be absolute", path)
         if "\0" in path or any(p == ".." for p in path.split("/")):
             raise ShifterError(where, "paths may not contain '..'", path)
-    for flag in flags:
-        if flag not in allowed_flags:
+    lowered = [f.split("=", 1)[0].lower() for f in flags]
+    for flag, name in zip(flags, lowered, strict=True):
+        if name not in [a.lower() for a in allowed_flags]:
             raise ShifterError(where, f"unknown flag (allowed: {', '.join(allowed_flags)})", flag)
     return SiteMount(
         source=os.path.normpath(source),
         dest=os.path.normpath(dest),
-        read_only="ro" in flags,
-        recursive="rec" in flags,
+        read_only="ro" in lowered,
+        recursive="rec" in lowered,
+        extra=tuple(f for f, n in zip(flags, lowered, strict=True) if n in NO_EFFECT),
     )
 
 
+def _split_flags(part: str) -> list[str]:
+    """Our ``ro,rec``; but a ``perNodeCache=size=1G,fs=xfs`` keeps its commas."""
+    if part.lower().startswith("pernodecache="):
+        return [part]
+    return part.split(",")
+
+
 def site_fs(where: str, key: str, value: str) -> tuple[SiteMount, ...]:
-    specs = [s for s in re.split(r"[;\s]+", value) if s]
+    """Entries separated by ``;`` (Shifter) or whitespace (earlier Shifter, ours)."""
+    specs = [s.strip('"') for s in re.split(r"[;\s]+", value) if s.strip('"')]
     try:
-        return tuple(parse_mount_spec(where, spec, SITE_FS_FLAGS) for spec in specs)
+        return tuple(parse_mount_spec(where, spec, SITE_FS_FLAGS, site=True) for spec in specs)
     except ShifterError as err:
         raise node_error(where, f"{key}: {err.what}", err.value) from None
+
+
+def only_mounts(mounts: tuple[SiteMount, ...], warnings: list[str]) -> tuple[SiteMount, ...]:
+    """Drop Shifter's perNodeCache entries, and say what slave means here."""
+    kept = []
+    for mount in mounts:
+        names = {flag.split("=", 1)[0].lower() for flag in mount.extra}
+        if "pernodecache" in names:
+            warnings.append(f"siteFs: perNodeCache volumes are not supported: {mount.dest} skipped")
+            continue
+        if "slave" in names:
+            warnings.append(f"siteFs: {mount.dest}: slave propagation not supported (binds are "
+                            "private copies): host mounts made later do not reach it")  # fmt: skip
+        kept.append(mount)
+    return tuple(kept)
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -176,7 +176,59 @@ def _sysctl_refusal() -> str | None:
 
 
 def enter_userns(p: Plan) -> None:
-    """New user namespace mapping our own ids, then chroot; raises Unavailable."""
+    """The job's user namespace on this node (else one of our own), then chroot.
+
+    Every ``shifter`` of the job joins the namespace the prolog's holder keeps
+    (userns.py), so ranks of one node can share memory (CMA, /proc/<pid>/fd). When
+    the holder is gone, a namespace of our own still runs the command. Raises
+    Unavailable when no user namespace can be had at all.
+    """
+    if not _join_job_namespace(p):
+        _own_namespace()
+    try:
+        os.chroot(sc.fd_path(p.root_fd))  # the cwd chosen by plan() is already inside
+    except PermissionError as err:  # e.g. an LSM that strips the namespace's capabilities
+        raise Unavailable(f"{DISABLED} (chroot: {err.strerror})") from None
+
+
+def _join_job_namespace(p: Plan) -> bool:
+    """setns into the holder's namespace: ours to join, as the user owns it."""
+    pid, started = p.container.userns
+    if pid <= 0:
+        return False
+    try:
+        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        fd = -1
+    try:
+        if fd < 0 or _alive_since(pid) != started:  # after the open: it is that process
+            sys.stderr.write(
+                f"shifter: job {p.container.job_id}: its user namespace is gone; "
+                "this command cannot share memory with the job's other ranks\n"
+            )
+            return False
+        sc.setns(fd, CLONE_NEWUSER)
+        return True
+    except OSError:
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _alive_since(pid: int) -> int:
+    """The start time of ``pid`` while it lives; -1 when gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return -1
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return -1 if fields[0] in (b"Z", b"X") else int(fields[19])
+
+
+def _own_namespace() -> None:
+    """A new user namespace mapping our own ids; raises Unavailable."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -190,7 +242,6 @@ def enter_userns(p: Plan) -> None:
         _write("/proc/self/setgroups", "deny")  # required before an unprivileged gid_map
         _write("/proc/self/uid_map", f"{uid} {uid} 1")
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
-        os.chroot(sc.fd_path(p.root_fd))  # the cwd chosen by plan() is already inside
     except PermissionError as err:  # e.g. an LSM that strips the namespace's capabilities
         raise Unavailable(f"{DISABLED} ({err.filename}: {err.strerror})") from None
 
@@ -228,6 +279,11 @@ def _exec_failed(p: Plan, what: str, code: int) -> int:
 def exec_ssh(p: Plan) -> int:
     """Run CMD through the job's sshd on this node with the job identity."""
     c = p.container
+    if "PMI_FD" in p.env:  # srun --mpi=pmi2: a descriptor ssh cannot carry
+        raise ShifterError(f"job {c.job_id}", "PMI-2 (srun --mpi=pmi2) needs shifter's direct "
+                           "way in (a user namespace); through the sshd its PMI_FD is lost: "
+                           "use --mpi=pmix, or ask the admins to allow user namespaces",
+                           "PMI_FD")  # fmt: skip
     if c.sshd_port <= 0:
         raise ShifterError(f"job {c.job_id}", f"cannot enter: {DISABLED} and the job has no sshd",
                            c.root)  # fmt: skip

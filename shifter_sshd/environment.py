@@ -49,6 +49,12 @@ def modules(config: Config, requested: Iterable[str]) -> list[Module]:
             raise user_error("--module", "no such module on this system", name)
         if module.enabled:
             found.append(module)
+    names = {module.name for module in found}
+    for module in found:
+        clash = sorted(names & set(module.conflicts))
+        if clash:
+            raise user_error("--module", f"{module.name} cannot be loaded with {clash[0]}",
+                             ",".join(sorted(names)))  # fmt: skip
     return found
 
 

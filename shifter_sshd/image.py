@@ -71,7 +71,7 @@ def parse_name(text: str, default_type: str = "docker") -> ImageName:
     if not text or len(text) > 512 or any(c.isspace() or ord(c) < 32 for c in text):
         raise user_error(where, "malformed image name", repr(text))
     kind, sep, rest = text.partition(":")
-    if sep and kind in IMAGE_TYPES:
+    if sep and kind in (*IMAGE_TYPES, "id"):  # id:<digest>, Shifter's name for an image id
         image_type, tag = kind, rest
     else:
         image_type, tag = default_type, text
@@ -130,6 +130,8 @@ class Store:
 
     def lookup(self, name: str) -> Record:
         parsed = parse_name(name, self.default_type)
+        if parsed.type == "id":
+            return self.get(parsed.tag)
         try:
             with open(self._name_path(parsed), encoding="utf-8") as handle:
                 image_id = json.load(handle)["id"]

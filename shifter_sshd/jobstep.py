@@ -1,4 +1,4 @@
-"""The job's sshd inside the job: adopted into the extern step, so Slurm sees it.
+"""The job's processes inside the job: adopted into the extern step, so Slurm sees them.
 
 Slurm runs the Prolog before it creates the job's extern step (PrologFlags=Contain),
 so the sshd the prolog starts sits outside the job until it is adopted. Adoption is
@@ -6,7 +6,8 @@ done by the SPANK plugin in the extern step itself (``slurm_spank_task_post_fork
 runs ``shifter-sshd adopt JOB``), which Slurm calls before it reports the prolog
 done: no job step, hence no ssh session, can start before the sshd is the job's.
 With ``PrologFlags=RunInJob`` (Slurm 24.05 and later) the prolog runs inside the
-extern step, which then already exists: the prolog adopts the sshd itself.
+extern step, which then already exists: the prolog adopts the sshd itself. The
+user namespace holder (``userns``) is adopted the same way.
 
 Adopted, the sshd and everything started through it (sessions, orted, ranks) are in
 the job's cgroups (cpuset, memory, devices), in ``scontrol listpids``, signalled by
@@ -21,49 +22,7 @@ from __future__ import annotations
 import os
 
 from . import log, processes, slurmstepd
-from .errors import node_error
-
-REQUIRED = "PrologFlags=Contain (or RunInJob) and ProctrackType=proctrack/cgroup"
-
-
-def slurm_conf_values(path: str, wanted: tuple[str, ...]) -> dict[str, str]:
-    """``key=value`` settings of slurm.conf (and files it Includes), keys lower-cased."""
-    found: dict[str, str] = {}
-    _read_conf(path, {k.lower() for k in wanted}, found, depth=0)
-    return found
-
-
-def _read_conf(path: str, wanted: set[str], found: dict[str, str], depth: int) -> None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            lines = handle.read().splitlines()
-    except OSError as err:
-        raise node_error("slurm.conf", f"cannot read ({err.strerror})", path) from None
-    for raw in lines:
-        line = raw.split("#", 1)[0].strip()
-        word, _sep, rest = line.partition(" ")
-        if word.lower() == "include" and depth < 8:
-            include = rest.strip()
-            target = include if include.startswith("/") else os.path.join(
-                os.path.dirname(path), include)  # fmt: skip
-            _read_conf(target, wanted, found, depth + 1)
-            continue
-        key, sep, value = line.partition("=")
-        if sep and key.strip().lower() in wanted and " " not in key.strip():
-            found[key.strip().lower()] = value.strip()
-
-
-def missing_requirements(slurm_conf: str) -> list[str]:
-    """What slurm.conf lacks for the sshd to be adopted and tracked; [] when nothing."""
-    values = slurm_conf_values(slurm_conf, ("PrologFlags", "ProctrackType"))
-    flags = {f.strip().lower() for f in values.get("prologflags", "").split(",")}
-    problems = []
-    if not flags & {"contain", "runinjob"}:
-        problems.append(f"PrologFlags={values.get('prologflags', '')} lacks Contain")
-    proctrack = values.get("proctracktype", "proctrack/cgroup")  # Slurm's default
-    if proctrack.lower() != "proctrack/cgroup":
-        problems.append(f"ProctrackType={proctrack} does not track adopted processes")
-    return problems
+from .state import JobState
 
 
 def family(pid: int) -> list[int]:
@@ -82,15 +41,25 @@ def family(pid: int) -> list[int]:
     return found
 
 
-def adopt(job_id: str, pid: int, started: int) -> bool:
-    """Put our sshd (``pid`` with start time ``started``) and its family into the job.
+def adopt(job_id: str, state: JobState) -> list[int]:
+    """Put the job's sshd (and its family) and user namespace holder into the job.
 
-    False when the sshd is gone (its user killed it: nothing to adopt, not the
-    node's fault); StepdError when the extern step refuses or is missing.
+    Returns the pids adopted. A process that is gone (its user killed it) is skipped:
+    not the node's fault. StepdError when the extern step refuses or is missing.
     """
-    if pid <= 0 or processes.start_time(pid) != started:
-        log.warning(f"adopt: job {job_id}: its sshd (pid {pid}) is gone; nothing to adopt")
-        return False
-    slurmstepd.adopt(job_id, family(pid))
-    log.info(f"adopt: job {job_id}: sshd pid {pid} is in the job's extern step")
-    return True
+    pids = []
+    processes_of_the_job = (
+        ("sshd", state.sshd_pid, state.sshd_start_time),
+        ("userns holder", state.userns_pid, state.userns_start_time),
+    )
+    for name, pid, started in processes_of_the_job:
+        if pid <= 0:
+            continue
+        if processes.start_time(pid) != started:
+            log.warning(f"adopt: job {job_id}: its {name} (pid {pid}) is gone; not adopted")
+            continue
+        pids += family(pid)
+    if pids:
+        slurmstepd.adopt(job_id, pids)
+        log.info(f"adopt: job {job_id}: pids {', '.join(map(str, pids))} are in its extern step")
+    return pids

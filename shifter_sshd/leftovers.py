@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 
-from . import jobstep, slurmstepd
+from . import slurmconf, slurmstepd
 from .config import Config
 from .state import StateStore
 
@@ -54,8 +54,7 @@ def dead(config: Config, store: StateStore, job_id: str, exclusive: bool | None,
 
 
 def _contained(slurm_conf: str) -> bool:
-    flags = jobstep.slurm_conf_values(slurm_conf, ("PrologFlags",)).get("prologflags", "")
-    return bool({f.strip().lower() for f in flags.split(",")} & {"contain", "runinjob"})
+    return bool(slurmconf.prolog_flags(slurm_conf) & {"contain", "runinjob"})
 
 
 def _over(store: StateStore, job_id: str) -> bool:

@@ -183,7 +183,24 @@ def step_udiimage(s: Setup) -> None:
 
 def step_site_fs(s: Setup) -> None:
     site_fs = [*s.config.site_fs, *(m for module in s.modules for m in module.site_fs)]
-    volumes.mount_site_fs(s.tree, site_fs)
+    volumes.mount_site_fs(s.tree, [*site_fs, *_slurm_spool(s)])
+
+
+def _slurm_spool(s: Setup) -> list[SiteMount]:
+    """SlurmdSpoolDir at its own path, read-write: PMIx's rendezvous and shared-memory
+    store (``pmix.<job>.<step>``, made there for each step later) for ``srun --mpi=pmix
+    shifter``. The user reaches nothing there they could not reach on the host."""
+    conf = s.job_env.get("SLURM_CONF", "")
+    if not conf:
+        return []
+    from . import slurmconf
+
+    spool = slurmconf.spool_dir(conf, s.job.node_name)
+    if not os.path.isdir(spool):
+        log.warning(f"prolog: SlurmdSpoolDir {spool} is not a directory: PMIx steps in "
+                    "containers will fall back to slower exchanges")  # fmt: skip
+        return []
+    return [SiteMount(spool, spool, read_only=False, recursive=True)]
 
 
 def step_user_volumes(s: Setup) -> None:
@@ -214,15 +231,15 @@ def _check_containment(s: Setup) -> None:
     conf = s.job_env.get("SLURM_CONF", "")
     if not conf:
         return  # run by hand, not by slurmd: there is no job step to join
-    from . import jobstep
+    from . import slurmconf
 
     if not s.config.sshd_job_containment:
         log.warning(f"prolog: job {s.job.job_id}: sshdJobContainment=0: the sshd and its "
                     "sessions run outside the job's cgroups")  # fmt: skip
         return
-    problems = jobstep.missing_requirements(conf)
+    problems = slurmconf.missing_requirements(conf)
     if problems:
-        raise node_error("slurm.conf", f"the container sshd needs {jobstep.REQUIRED} "
+        raise node_error("slurm.conf", f"the container sshd needs {slurmconf.REQUIRED} "
                          "(or sshdJobContainment=0)", "; ".join(problems))  # fmt: skip
 
 
@@ -253,14 +270,12 @@ def step_sshd(s: Setup) -> None:
     s.state.sshd_pid, s.state.sshd_start_time = pid, processes.start_time(pid) or 0
     s.store.save(s.state)
     sshd.wait_ready(pid, s.config.sshd_port, s.tree.ssh)
-    _adopt_if_in_job(s)
 
 
 def _adopt_if_in_job(s: Setup) -> None:
-    """With PrologFlags=RunInJob the extern step exists already: adopt the sshd now.
-
-    Otherwise the SPANK plugin adopts it from the extern step, once Slurm made it.
-    """
+    """With PrologFlags=RunInJob the extern step exists already: adopt the job's
+    processes (sshd, user namespace holder) now. Otherwise the SPANK plugin adopts
+    them from the extern step, once Slurm made it."""
     if not (s.config.sshd_job_containment and s.job_env.get("SLURM_CONF")):
         return
     from . import jobstep, slurmstepd
@@ -268,9 +283,10 @@ def _adopt_if_in_job(s: Setup) -> None:
     if slurmstepd.extern_socket(s.job.job_id) is None:
         return
     try:
-        jobstep.adopt(s.job.job_id, s.state.sshd_pid, s.state.sshd_start_time)
+        jobstep.adopt(s.job.job_id, s.state)
     except slurmstepd.StepdError as err:
-        raise node_error("sshd", "cannot put the sshd into the job's extern step", err) from None
+        raise node_error("prolog", "cannot put the job's processes into its extern step",
+                         err) from None  # fmt: skip
 
 
 def _free_port(s: Setup, holders: list[int]) -> None:
@@ -304,6 +320,19 @@ def _leftover(pid: int, job_id: str) -> bool:
     return jobs is not None and all(j == job_id or not slurmstepd.job_running(j) for j in jobs)
 
 
+def step_userns(s: Setup) -> None:
+    """The user namespace every ``shifter`` of the job on this node joins (userns.py)."""
+    from . import userns
+
+    assert s.user is not None
+    s.state.userns_pid, s.state.userns_start_time = userns.start(s.user)
+    if not s.state.userns_pid:
+        log.warning(f"prolog: job {s.job.job_id}: no user namespace for shifter (unprivileged "
+                    "user namespaces are off?): shifter will go through the sshd")  # fmt: skip
+    s.store.save(s.state)
+    _adopt_if_in_job(s)
+
+
 def step_finish(s: Setup) -> None:
     rootfs.finish(s.tree, s.config)
     s.state.complete = True
@@ -321,6 +350,7 @@ def step_publish(s: Setup) -> None:
         "env": s.env,
         "workdir": meta.workdir, "entrypoint": meta.entrypoint,
         "sshd_port": s.config.sshd_port if s.key_set is not None else 0,
+        "userns": [s.state.userns_pid, s.state.userns_start_time],
     }, s.user.uid)  # fmt: skip
 
 
@@ -344,6 +374,7 @@ STEPS: list[tuple[str, Callable[[Setup], None]]] = [
     ("ssh keys", step_ssh_keys),
     ("ssh files", step_ssh_files),
     ("sshd", step_sshd),
+    ("userns", step_userns),
     ("finish", step_finish),
     ("publish", step_publish),
 ]

@@ -11,7 +11,7 @@ Layout for job J::
       /etc /var            overlays: the image's, plus what the prolog writes
       /opt/udiImage        optUdiImage, read-only
       /proc /sys /dev      proc, /sys (recursive, read-only), /dev with its own devpts
-      /tmp /dev/shm        tmpfs
+      /tmp /dev/shm /run   tmpfs (/run as in any container: the image's is not used)
 
 Every mount is made detached with its flags and attached on a directory descriptor
 (``privileged``); the descriptors of the mounts later steps write into are kept in
@@ -33,7 +33,7 @@ from .errors import node_error, user_error
 from .rootpath import Root
 
 # Top-level names the prolog provides itself instead of binding the image's.
-PROVIDED = frozenset({"etc", "var", "tmp", "proc", "sys", "dev", "opt"})
+PROVIDED = frozenset({"etc", "var", "tmp", "run", "proc", "sys", "dev", "opt"})
 TTY_GID = 5
 RO = sc.MOUNT_ATTR_RDONLY | priv.NOSUID_NODEV
 SCRATCH_DIRS = ("image", "etc.upper", "etc.work", "var.upper", "var.work", "empty")
@@ -54,6 +54,9 @@ class Tree:
     root_id: int = 0
     image_mounts: set[int] = field(default_factory=set)  # immutable: squashfs binds
     volume_mounts: set[int] = field(default_factory=set)  # the user's --volume binds
+    # Our own writable mounts, private to the container (root and /run tmpfs, the
+    # /etc and /var overlays): where a site's mount point may be created.
+    writable: set[int] = field(default_factory=set)
     mounts: int = 0  # how many the tree holds, for the log
 
     def close(self) -> None:
@@ -127,6 +130,7 @@ def mount_root(tree: Tree, config: Config, target_fd: int, uid: int) -> int:
         raise node_error("rootfs", f"cannot set the root's ACL ({err.strerror}; {fstype} "
                          "needs POSIX ACL support)", config.udi_mount) from None  # fmt: skip
     tree.root_id = priv.attach(mount, target_fd)
+    tree.writable.add(tree.root_id)
     tree.root = mount
     tree.mounts += 1
     return tree.root_id
@@ -236,7 +240,7 @@ def mount_overlays(tree: Tree) -> None:
                                  f"({err.strerror})", name) from None  # fmt: skip
             target = priv.make_dir(tree.root, name)
             try:
-                priv.attach(mount, target)
+                tree.writable.add(priv.attach(mount, target))
             finally:
                 os.close(target)
         finally:
@@ -282,6 +286,7 @@ def mount_system(tree: Tree) -> None:
         os.close(devpts)
     _attach_existing(tree, tree.dev, "shm", _tmpfs("1777"))
     _attach_new(tree, tree.root, "tmp", _tmpfs("1777"))
+    tree.writable.add(_attach_new(tree, tree.root, "run", _tmpfs("0755")))
 
 
 def _clone_host(path: str, attrs: int, recursive: bool) -> int:

@@ -72,6 +72,11 @@ class Container:
         self.volumes = _text(raw, "volumes")
         self.workdir = str(raw.get("workdir") or "")
         self.sshd_port = _number(raw, "sshd_port")
+        holder = raw.get("userns") or [0, 0]  # absent in descriptions of earlier versions
+        if not (isinstance(holder, list) and len(holder) == 2
+                and all(isinstance(n, int) for n in holder)):  # fmt: skip
+            raise _malformed("userns")
+        self.userns: tuple[int, int] = (holder[0], holder[1])
         env = raw.get("env")
         if not isinstance(env, dict):
             raise _malformed("env")

@@ -39,6 +39,8 @@ class JobState:
     scratch_mount_id: int = 0
     sshd_pid: int = 0
     sshd_start_time: int = 0  # /proc/<pid>/stat starttime, so a recycled pid is not killed
+    userns_pid: int = 0  # the job's user namespace holder (userns.py), and its start time
+    userns_start_time: int = 0
     complete: bool = False
     created: float = 0.0
     version: int = SCHEMA

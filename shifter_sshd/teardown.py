@@ -35,6 +35,10 @@ def teardown(config: Config, store: StateStore, job_id: str) -> bool:
         from . import sshd
 
         sshd.stop(state.sshd_pid, state.sshd_start_time)
+    if state.userns_pid:
+        from . import userns
+
+        userns.stop(state.userns_pid, state.userns_start_time)
     faults.inject("stop processes")
     areas = (root, scratch)
     killed = processes.stop(root, areas, state.uid, job_id, config.kill_grace)

@@ -129,7 +129,7 @@ def _site_target(tree: Tree, dest: str, is_dir: bool) -> int:
         try:
             target = container.open(dest)
         except FileNotFoundError:
-            return _create(tree, canonical("siteFs", dest), is_dir, "siteFs")
+            return _create(tree, canonical("siteFs", dest), is_dir, "siteFs", tree.writable)
         except OSError as err:
             raise user_error("siteFs", f"destination unusable in the image ({err.strerror})",
                              dest) from None  # fmt: skip
@@ -193,7 +193,8 @@ def _user_target(tree: Tree, dest: str, is_dir: bool, user: User) -> int:
             try:
                 child = priv.open_entry(current, name)
             except FileNotFoundError:
-                return _create_below(tree, current, parts[depth:], is_dir, dest, "--volume")
+                return _create_below(current, parts[depth:], is_dir, dest, "--volume",
+                                     {tree.root_id})  # fmt: skip
             except OSError as err:
                 what = "destination passes through a symlink" if err.errno == 40 else (
                     f"destination unusable ({err.strerror})")  # fmt: skip
@@ -221,8 +222,9 @@ def _check_parent(tree: Tree, fd: int, dest: str, user: User) -> None:
         raise user_error("--volume", "destination lies in a directory the user can write", dest)
 
 
-def _create(tree: Tree, dest: str, is_dir: bool, where: str) -> int:
-    """Create a missing destination, walking from the root without following anything."""
+def _create(tree: Tree, dest: str, is_dir: bool, where: str, on: set[int]) -> int:
+    """Create a missing destination (on one of the mounts ``on``), walking from the root
+    without following anything."""
     parts = dest.strip("/").split("/")
     current = os.dup(tree.root)
     try:
@@ -230,7 +232,7 @@ def _create(tree: Tree, dest: str, is_dir: bool, where: str) -> int:
             try:
                 child = priv.open_entry(current, name)
             except FileNotFoundError:
-                return _create_below(tree, current, parts[depth:], is_dir, dest, where)
+                return _create_below(current, parts[depth:], is_dir, dest, where, on)
             except OSError as err:
                 raise user_error(where, f"destination unusable ({err.strerror})", dest) from None
             os.close(current)
@@ -243,10 +245,11 @@ def _create(tree: Tree, dest: str, is_dir: bool, where: str) -> int:
             os.close(current)
 
 
-def _create_below(tree: Tree, parent: int, missing: list[str], is_dir: bool, dest: str,
-                  where: str) -> int:  # fmt: skip
-    """The missing part of ``dest``: only on the container's own root tmpfs."""
-    if sc.mount_id(parent) != tree.root_id:
+def _create_below(parent: int, missing: list[str], is_dir: bool, dest: str, where: str,
+                  on: set[int]) -> int:  # fmt: skip
+    """The missing part of ``dest``, only on one of the container's own mounts ``on``
+    (the root tmpfs for the user's volumes): never in the image or on a host filesystem."""
+    if sc.mount_id(parent) not in on:
         raise user_error(where, "destination does not exist in the image", dest)
     current = os.dup(parent)
     try:

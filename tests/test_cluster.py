@@ -38,7 +38,7 @@ def leftovers(cluster: Cluster) -> dict[str, str]:
     for node in cluster.nodes:
         script = (
             "grep -E ' /var/udi(Mount|LoopMount)/[0-9]' /proc/self/mountinfo; "
-            f"ls -A {STATE}; pgrep -a sshd; "
+            f"ls -A {STATE}; pgrep -a sshd; pgrep -a -f '^shifter-sshd-userns'; "
             "for p in /proc/[0-9]*; do readlink $p/root; done | grep /var/udiMount"
         )
         out = cluster.run(node, ["sh", "-c", script], check=False).stdout.strip()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,92 @@ def test_shifter_site_file_parses_with_warnings() -> None:
     assert any("roothook" in w for w in parsed.warnings)
 
 
+FIXTURES = Path(__file__).parent / "fixtures" / "shifter"
+
+
+def _render_example() -> str:
+    """udiRoot.conf.example as Shifter's configure writes it (placeholders filled)."""
+    values = {"ROOTFS_TYPE": "tmpfs", "PACKAGE_NAME": "shifter"}
+    text = (FIXTURES / "udiRoot.conf.example.in").read_text()
+    return re.sub(r"@([A-Z_]+)@", lambda m: values.get(m[1], "/usr/lib/shifter"), text)
+
+
+def _render_cle6() -> str:
+    """The CLE6 template with a compute node's variables from Shifter's vars/cluster.yaml."""
+    import jinja2
+
+    template = jinja2.Template((FIXTURES / "udiRoot.conf.j2").read_text())
+    return template.render(
+        shifterImagePath="/lus/peel/shifter/images", shifterRuntimePrefix="/usr",
+        shifterOptUdiImagePath="/lus/peel/shifter/udiImage",
+        shifterEtcPath="/local/shifter/etcFiles", shifterRootfsType="ramfs",
+        shifterGateway="http://gateway:5000", shifterSystem="cluster",
+        shifterPerNodeCachePath="/lus/peel/shifter/backingStore",
+        shifterAllSiteFs=["/homes:/homes", "/lus/peel:/lus/peel",
+                          "/var/opt/cray/dws:/var/opt/cray/dws:rec:slave",
+                          "/var/opt/cray/alps:/var/opt/cray/alps:rec:slave",
+                          "/var/run/munge:/var/run/munge",
+                          "/etc/opt/cray/wlm_detect:/etc/opt/cray/wlm_detect"],
+    )  # fmt: skip
+
+
+def _render_parser_test() -> str:
+    text = (FIXTURES / "test_udiRoot.conf.in").read_text()
+    return re.sub(r"@@@([A-Z_]+)@@@", lambda m: "tmpfs" if m[1] == "ROOTFSTYPE" else "/usr",
+                  text)  # fmt: skip
+
+
+@pytest.mark.parametrize("render", [_render_example, _render_cle6, _render_parser_test],
+                         ids=["example", "cle6", "parser-test"])  # fmt: skip
+def test_shifters_own_files_parse(render: Callable[[], str], tmp_path: Path) -> None:
+    """Shifter's shipped example, its CLE6 template and its parser test file: no fatal
+    error, and every key they set is either used or warned about with its reason."""
+    text = render()
+    assert "@" not in text.replace("SHIFTER_RUNTIME", "")  # every placeholder filled
+    parsed = config.parse(text, "shifter.conf")
+    used = {k for k in config.KEYS} | set(config.IGNORED_KEYS)
+    for line in text.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and not line.lstrip().startswith("#") and not line.startswith(" "):
+            assert key in used or key.startswith("module_"), key
+    for key in config.IGNORED_KEYS:
+        if re.search(rf"^{key}\s*=", text, re.M):
+            assert any(f"{key} ignored: " in w for w in parsed.warnings), key
+    path = tmp_path / "udiRoot.conf"
+    path.write_text(text)
+    done = subprocess.run([CLI, "config", "check", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_file_with_every_key() -> None:
+    values = {"udiMount": "/var/udiMount", "loopMount": "/var/udiLoopMount",
+              "rootfsType": "tmpfs", "defaultImageType": "docker",
+              "mountPropagationStyle": "private", "system": "lab", "siteFs": "/home:/home",
+              "siteEnv": "A=1", "siteEnvAppend": "PATH=/x", "siteEnvPrepend": "PATH=/y",
+              "siteEnvUnset": "B", "usersToImport": "nobody", "defaultModules": "m",
+              "killGrace": "3", "volumeTimeout": "5"}  # fmt: skip
+    lines = []
+    for key, (field_name, _parser, _repeat) in config.KEYS.items():
+        default = getattr(config.Config(), field_name)
+        if key in values:
+            lines.append(f"{key}={values[key]}")
+        elif isinstance(default, bool):
+            lines.append(f"{key}={int(default)}")
+        elif isinstance(default, int | float):
+            lines.append(f"{key}={default}")
+        else:
+            lines.append(f"{key}=/etc/shifter/{key}")
+    lines += [f"{key}=x" for key in config.IGNORED_KEYS]
+    lines += [f"module_m_{key}=" + ("/a:/a" if key == "siteFs" else "n" if key == "conflict"
+              else "1" if key == "enabled" else "A=1" if key != "siteEnvUnset" else "A")
+              for key in config.MODULE_KEYS]  # fmt: skip
+    lines += ["module_n_enabled=1", "module_m_userhook=/x", "module_m_roothook=/x",
+              "module_m_copyPath=/x"]  # fmt: skip
+    parsed = config.parse("\n".join(lines) + "\n", "every.conf")
+    assert parsed.system == "lab" and parsed.module("m") is not None
+    assert len([w for w in parsed.warnings if " ignored: " in w]) == len(config.IGNORED_KEYS) + 3
+
+
 def test_defaults() -> None:
     parsed = config.parse("", "empty.conf")
     assert parsed.udi_mount == "/var/udiMount"
@@ -78,9 +166,61 @@ def test_defaults() -> None:
     assert parsed.max_group_count == 31
 
 
-def test_repeatable_keys_accumulate_and_comments_go() -> None:
-    parsed = config.parse("siteFs=/a:/a # first\nsiteFs=/b:/b ; /c:/c:ro\n", "x")
+def test_repeatable_keys_accumulate() -> None:
+    parsed = config.parse("siteFs=/a:/a\nsiteFs=/b:/b ; /c:/c:ro\n", "x")
     assert [m.dest for m in parsed.site_fs] == ["/a", "/b", "/c"]
+
+
+def test_comments_only_at_line_start_as_shifter_reads_them() -> None:
+    text = ("# a comment\n  # an indented one (Shifter would refuse it)\n"
+            "siteEnv=URL=http://x/#frag NOTE=a#b\njust words\nsshdPort = 22\n")  # fmt: skip
+    parsed = config.parse(text, "x")
+    assert parsed.site_env == (("URL", "http://x/#frag"), ("NOTE", "a#b"))
+    assert parsed.sshd_port == 22  # spaces around '=' as Shifter allows
+    assert "x:4: line without '=' ignored: just words" in parsed.warnings
+
+
+def test_continuations_as_shifter_joins_them() -> None:
+    text = "siteEnv=A=1 \\\n# skipped inside\n  B=2\\\n\nsiteEnvUnset=C\n"
+    parsed = config.parse(text, "x")
+    assert parsed.site_env == (("A", "1"), ("B", "2"))  # a blank line ends it
+    assert parsed.site_env_unset == ("C",)
+
+
+def test_shifter_value_syntax() -> None:
+    parsed = config.parse(
+        "siteFs=/homes:/homes;\\\n    /var/opt/cray/alps:/var/opt/cray/alps:rec:slave;\\\n"
+        "    /scratch;/ro:/ro:ro:REC;/cache:/cache:perNodeCache=size=10G,fs=xfs\n"
+        "sshdPort=1204\nsshdPort=22\ndefaultImageType=id\nmountPropagationStyle=slave\n",
+        "x",
+    )  # fmt: skip
+    assert parsed.site_fs == (
+        config.SiteMount("/homes", "/homes"),
+        config.SiteMount("/var/opt/cray/alps", "/var/opt/cray/alps", recursive=True,
+                         extra=("slave",)),
+        config.SiteMount("/scratch", "/scratch"),  # one path: the same path inside
+        config.SiteMount("/ro", "/ro", read_only=True, recursive=True),
+    )  # fmt: skip
+    assert parsed.sshd_port == 22  # the last one counts, as in Shifter
+    assert parsed.default_image_type == "id"
+    warned = "\n".join(parsed.warnings)
+    assert "x:5: sshdPort given again (first at line 4): the last one counts" in warned
+    assert "perNodeCache volumes are not supported: /cache skipped" in warned
+    assert "/var/opt/cray/alps: slave propagation not supported" in warned
+    assert "mountPropagationStyle=slave" in warned
+
+
+def test_module_keys_as_shifter_splits_them() -> None:
+    parsed = config.parse(
+        "module_mpich_siteEnv=MPICH=1\nmodule_mpich_conflict=openmpi\n"
+        "module_openmpi_siteEnv=OMPI=1\nmodule_cray_mpich_userhook=/x\nmodule_x_frob=1\n",
+        "x",
+    )  # fmt: skip
+    mpich = parsed.module("mpich")
+    assert mpich is not None and mpich.conflicts == ("openmpi",)
+    warned = "\n".join(parsed.warnings)
+    assert "module names cannot hold '_' (Shifter reads module cray, key mpich)" in warned
+    assert "unknown module key ignored" in warned and "module_x_frob" in warned
 
 
 @pytest.mark.parametrize(
@@ -89,7 +229,6 @@ def test_repeatable_keys_accumulate_and_comments_go() -> None:
         ("udiMont=/x\n", "bad.conf:1: unknown key (did you mean udiMount?): udiMont"),
         ("\n\nimagepath=/x\n", "bad.conf:3: unknown key (did you mean imagePath?): imagepath"),
         ("frobnicate=1\n", "bad.conf:1: unknown key: frobnicate"),
-        ("just words\n", "bad.conf:1: expected key=value: just words"),
         ("udiMount=relative\n", "udiMount must be an absolute path: relative"),
         ("udiMount=/\n", "udiMount is too close to / to be used as a mount area: /"),
         ("udiMount=/var/a\nloopMount=/var/a\n", "udiMount and loopMount must differ: /var/a"),
@@ -99,22 +238,23 @@ def test_repeatable_keys_accumulate_and_comments_go() -> None:
         ("enableSshd=maybe\n", "enableSshd must be 0 or 1: maybe"),
         ("mountUdiRootWritable=2\n", "mountUdiRootWritable must be 0 or 1: 2"),
         ("rootfsType=xfs\n", "rootfsType must be one of tmpfs, ramfs: xfs"),
-        ("defaultImageType=oci\n", "defaultImageType must be one of docker, custom, local: oci"),
-        ("siteFs=/a\n", "siteFs: expected source:destination[:flags]: /a"),
+        (
+            "defaultImageType=oci\n",
+            "defaultImageType must be one of docker, custom, local, id: oci",
+        ),
         ("siteFs=/a:b\n", "siteFs: paths must be absolute: b"),
-        ("siteFs=/a:/b:rw,nosuid\n", "siteFs: unknown flag (allowed: ro, rw, rec): nosuid"),
+        ("siteFs=/a::ro\n", "siteFs: expected source:destination[:flags]: /a::ro"),
+        (
+            "siteFs=/a:/b:rw,nosuid\n",
+            "siteFs: unknown flag (allowed: ro, rw, rec, slave, private, perNodeCache): nosuid",
+        ),
+        ("mountPropagationStyle=rslave\n", "mountPropagationStyle must be one of private, slave"),
         ("siteFs=/a/../etc:/b\n", "siteFs: paths may not contain '..': /a/../etc"),
         ("siteEnv=NOEQUALS\n", "siteEnv entries must be NAME=value: NOEQUALS"),
         ("siteEnv=1BAD=x\n", "siteEnv entries must be NAME=value: 1BAD=x"),
         ("siteEnvUnset=A-B\n", "siteEnvUnset entries must be variable names: A-B"),
         ("usersToImport=bad:name\n", "usersToImport has an invalid name: bad:name"),
-        ("sshdPort=1204\nsshdPort=22\n", "bad.conf:2: sshdPort given twice (first at line 1): 22"),
         ("killGrace=forever\n", "killGrace must be a number of seconds: forever"),
-        (
-            "module_x_frob=1\n",
-            "unknown module key (known: enabled, siteEnv, siteEnvAppend, "
-            "siteEnvPrepend, siteEnvUnset, siteFs): frob",
-        ),
         ("defaultModules=nosuch\n", "defaultModules names an undefined module: nosuch"),
         ("sshKeySecret=\n", "sshKeySecret must be an absolute path: "),
         ("system=two words\n", "system must be a single word: two words"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -113,6 +115,21 @@ def _ok(done: subprocess.CompletedProcess[str]) -> str:
 
 
 # --- the user namespace path --------------------------------------------------------------
+
+
+def test_every_shifter_of_the_job_joins_one_user_namespace(job: Job) -> None:
+    """Ranks started by separate shifters (srun) share memory only in one namespace."""
+    first = _ok(job.shifter("readlink", "/proc/self/ns/user"))
+    second = _ok(job.shifter("readlink", "/proc/self/ns/user"))
+    assert first == second != os.readlink("/proc/self/ns/user") + "\n"
+    assert "sstestgrp" in _ok(job.shifter("id", "-Gn")).split()  # groups mapped by name
+    state = json.loads(Path(job.node.state_path, f"{JOB}.json").read_text())
+    os.kill(state["userns_pid"], signal.SIGKILL)  # the user may kill it: it is theirs
+    time.sleep(0.1)
+    alone = job.shifter("readlink", "/proc/self/ns/user")
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout != first
+    assert "its user namespace is gone" in alone.stderr
 
 
 def test_runs_the_image_as_the_user(job: Job) -> None:
