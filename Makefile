@@ -19,12 +19,17 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make squashfs-tools squashf
 
 .PHONY: demo test setup lint typecheck pytest bench clean-lab
 
+# The commands start Python isolated (-I): a user's PYTHONHOME, PYTHONPATH or user
+# site-packages can neither break nor hijack shifter, nor the plugin's checks.
+SCRIPTS := shifter shifter-sshd shifter-sshd-prolog shifter-sshd-epilog
+
 setup: $(VENV)/.installed
 	@$(PY) -m pip install -q --no-deps --no-build-isolation . >/dev/null
+	@cd $(VENV)/bin && sed -i '1s|^#!\(/[^ ]*python[0-9.]*\)$$|#!\1 -I|' $(SCRIPTS)
 
 # Debian starts sshd, munged, slurmd and slurmctld on install; the lab runs its own,
 # so a temporary policy-rc.d (exit 101) keeps the packages' daemons from starting.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@missing=$$(dpkg-query -W -f='$${Status} $${Package}\n' $(APT_PACKAGES) 2>&1 | grep -v '^install ok installed' || true); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$(echo "$$missing" | awk '{print $$NF}' | tr '\n' ' ')"; \
@@ -37,7 +42,7 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	@[ -x $(PY) ] || /usr/bin/python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip setuptools wheel
-	@$(PY) -m pip install -q '.[test]'
+	@$(PY) -m pip install -q -c constraints.txt '.[test]'
 	@chmod -R a+rX $(dir $(VENV))
 	@touch $@
 

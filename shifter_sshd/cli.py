@@ -29,10 +29,47 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from . import config
+    """Parse, print the effective configuration, and check every path it names."""
+    from . import config, doctor
 
     loaded = _config(argparse.Namespace(config=args.path or args.config))
     sys.stdout.write(config.describe(loaded))
+    problems = [f for f in doctor.config_paths(loaded) if f.problem]
+    if problems:
+        sys.stderr.write(doctor.report(problems, as_json=False) + "\n")
+        return EXIT_NODE
+    return EXIT_OK
+
+
+def _slurm_conf(given: str | None) -> str:
+    """slurm.conf for doctor and status: given, else $SLURM_CONF, else Slurm's default."""
+    import os
+
+    for path in (given, os.environ.get("SLURM_CONF"), "/etc/slurm/slurm.conf"):
+        if path and (given or os.path.exists(path)):
+            return path
+    return ""
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import config as config_mod
+    from . import doctor
+
+    try:
+        loaded = config_mod.load(args.config)
+    except ShifterError as err:
+        found = [doctor.Finding("config", str(err).removeprefix("shifter-sshd: "), True)]
+    else:
+        found = doctor.run(loaded, _slurm_conf(args.slurm_conf) or None)
+    print(doctor.report(found, args.json))
+    return EXIT_NODE if any(f.problem for f in found) else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import status
+
+    print(status.report(status.containers(_config(args), _slurm_conf(args.slurm_conf)),
+                        args.json))  # fmt: skip
     return EXIT_OK
 
 
@@ -122,10 +159,20 @@ def cmd_adopt(args: argparse.Namespace) -> int:
 
 def cmd_udiimage_build(args: argparse.Namespace) -> int:
     from . import udiimage
+    from .config import Config
+    from .state import StateStore
 
-    dest = args.dest or _config(args).opt_udi_image
-    udiimage.build(dest)
-    print(dest)
+    try:
+        config = _config(args)
+    except ShifterError:
+        if not args.dest:
+            raise
+        config = Config()  # building somewhere given, before udiRoot.conf exists
+    dest = args.dest or config.opt_udi_image
+    store = StateStore(config.state_path)
+    in_use = [s.bundle for job in store.job_ids() if (s := store.load(job)) and s.bundle]
+    version = udiimage.build(dest, in_use)
+    print(f"{dest} -> {version}")
     return EXIT_OK
 
 
@@ -153,9 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     cfg = sub.add_parser("config", help="udiRoot.conf").add_subparsers(dest="sub", required=True)
-    check = cfg.add_parser("check", help="validate and print the effective configuration")
+    check = cfg.add_parser("check", help="validate, print the effective configuration, and "
+                           "check the paths it names")  # fmt: skip
     check.add_argument("path", nargs="?")
     check.set_defaults(func=cmd_config_check)
+
+    doc = sub.add_parser("doctor", help="check this node: config, paths, kernel, bundle, port, "
+                         "installation, slurm.conf")  # fmt: skip
+    doc.add_argument("--slurm-conf", default=None, help="default: $SLURM_CONF, else "
+                     "/etc/slurm/slurm.conf if it exists")  # fmt: skip
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(func=cmd_doctor)
+    sta = sub.add_parser("status", help="the containers on this node")
+    sta.add_argument("--slurm-conf", default=None)
+    sta.add_argument("--json", action="store_true")
+    sta.set_defaults(func=cmd_status)
 
     img = sub.add_parser("image", help="the image store").add_subparsers(dest="sub", required=True)
     imp = img.add_parser("import", help="import a directory, tar archive or squashfs file")

@@ -149,7 +149,7 @@ def _visible(p: Plan, path: str, host: os.stat_result) -> bool:
 
 def enter(p: Plan, force_ssh: bool) -> int:
     """Exec CMD inside; returns only an exit status when that fails."""
-    reason = f"{DISABLED} ({FORCE_SSH} is set)" if force_ssh else _sysctl_refusal()
+    reason = f"{DISABLED} ({FORCE_SSH} is set)" if force_ssh else sysctl_refusal()
     if reason is None:
         try:
             enter_userns(p)
@@ -160,7 +160,7 @@ def enter(p: Plan, force_ssh: bool) -> int:
     return exec_ssh(p)
 
 
-def _sysctl_refusal() -> str | None:
+def sysctl_refusal() -> str | None:
     """The kernel's switches for unprivileged user namespaces (Debian has a second)."""
     for path in SYSCTLS:
         try:

@@ -216,10 +216,12 @@ class Store:
         return os.path.join(self.names, name.type, _quote(name.tag))
 
     def _make_dirs(self) -> None:
+        """The store's directories, 0755 whatever the umask: users look names up."""
         for path in (self.root, self.data, self.names, *(
             os.path.join(self.names, t) for t in IMAGE_TYPES
         )):  # fmt: skip
             os.makedirs(path, mode=0o755, exist_ok=True)
+            os.chmod(path, 0o755)  # noqa: S103 - the users' plugin reads the store
 
     def _locked(self) -> _Lock:
         return _Lock(os.path.join(self.root, ".lock"))
@@ -247,6 +249,8 @@ def _to_squashfs(source: str, output: str) -> None:
     import shutil
 
     if os.path.isdir(source):
+        if _is_image_layout(set(os.listdir(source))):
+            raise usage_error("image import", IMAGE_ARCHIVE, source)
         _run(["mksquashfs", source, output, "-noappend", "-comp", "zstd", "-quiet",
               "-no-progress", "-mkfs-time", "0", "-reproducible"], source)  # fmt: skip
         return
@@ -256,12 +260,42 @@ def _to_squashfs(source: str, output: str) -> None:
         shutil.copyfile(source, output)
         _run(["unsquashfs", "-s", output], source)  # refuses a corrupt superblock
     elif head.startswith(_COMPRESSED_TAR) or head[257:262] == b"ustar":
+        if _is_image_layout(_first_members(source)):
+            raise usage_error("image import", IMAGE_ARCHIVE, source)
         # tar2sqfs never extracts: hostile members (../, symlinked parents) touch no disk.
         with open(source, "rb") as stdin:
             _run(["tar2sqfs", "--quiet", "--no-skip", "--compressor", "zstd", "--force",
                   output], source, stdin=stdin)  # fmt: skip
     else:
         raise usage_error("image import", "not a directory, tar archive or squashfs", source)
+
+
+IMAGE_ARCHIVE = (
+    "an image archive (docker save, or an OCI layout), not a root filesystem: import what "
+    "docker export writes, or pull the image (shifter-sshd image pull)"
+)
+
+
+def _is_image_layout(names: set[str]) -> bool:
+    """``docker save`` (manifest.json and layer tars) or an OCI layout (oci-layout, blobs/)."""
+    return "oci-layout" in names or ("manifest.json" in names and "etc" not in names) or (
+        "index.json" in names and "blobs" in names)  # fmt: skip
+
+
+def _first_members(path: str, count: int = 64) -> set[str]:
+    """The top-level names among the first members of a (compressed) tar archive."""
+    import tarfile
+
+    names: set[str] = set()
+    try:
+        with tarfile.open(path, mode="r|*") as archive:
+            for number, member in enumerate(archive):
+                names.add(member.name.lstrip("./").split("/", 1)[0])
+                if number >= count:
+                    break
+    except (tarfile.TarError, OSError, EOFError):
+        return set()  # tar2sqfs will say what is wrong with it
+    return names
 
 
 def _run(argv: list[str], source: str, stdin: object = None) -> None:

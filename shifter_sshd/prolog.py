@@ -178,7 +178,7 @@ def step_system(s: Setup) -> None:
 
 
 def step_udiimage(s: Setup) -> None:
-    rootfs.mount_udiimage(s.tree, s.config)
+    s.state.bundle = rootfs.mount_udiimage(s.tree, s.config)
 
 
 def step_site_fs(s: Setup) -> None:

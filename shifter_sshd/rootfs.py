@@ -324,16 +324,17 @@ def _attach(tree: Tree, target: int, mount: int, keep: bool) -> int:
     return mount_id
 
 
-def mount_udiimage(tree: Tree, config: Config) -> bool:
-    """optUdiImage read-only at /opt/udiImage; False when the site has none."""
+def mount_udiimage(tree: Tree, config: Config) -> str:
+    """optUdiImage read-only at /opt/udiImage; the version directory bound ('' if none)."""
     try:
         source = os.open(config.opt_udi_image, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         if config.enable_sshd:
             raise node_error("udiImage", "optUdiImage missing (run shifter-sshd udiimage build)",
                              config.opt_udi_image) from None  # fmt: skip
-        return False
+        return ""
     try:
+        version = os.readlink(sc.fd_path(source))
         mount = priv.clone(source, RO, recursive=False)
     finally:
         os.close(source)
@@ -343,7 +344,7 @@ def mount_udiimage(tree: Tree, config: Config) -> bool:
         _attach_new(tree, opt, "udiImage", mount, keep=True)
     finally:
         os.close(opt)
-    return True
+    return version
 
 
 def finish(tree: Tree, config: Config) -> None:

@@ -35,6 +35,7 @@ class JobState:
     uid: int = -1
     image_id: str = ""
     loop_device: str = ""
+    bundle: str = ""  # the udiImage version the container has bound (udiimage.py)
     root_mount_id: int = 0  # mount ids, as /proc/self/mountinfo numbers them
     scratch_mount_id: int = 0
     sshd_pid: int = 0

@@ -11,22 +11,23 @@ the image), so they run in images with glibc, musl or no libc at all. Layout::
     share/    moduli, an empty openssl.cnf, templates/ (sshd_config.j2, ssh_config.j2)
     etc/      empty: the prolog binds the job's etc over /opt/udiImage/etc
 
-A build is atomic: everything is made in a temporary directory beside ``dest``,
-checked by running the bundled ``ssh -V``, ``ssh-keygen`` and ``sshd -t`` in a
-busybox root with no libc, and only then swapped in with one ``renameat2``
-(RENAME_EXCHANGE), so a reader sees the old bundle or the new one, never half of
-one. The check's mounts live in a private mount namespace and vanish with it, so
-no cleanup can ever delete through a bind mount. Builds of one ``dest`` are
-serialised with a lock file beside it (``.<name>.lock``, left in place).
-Jobs that still have the old bundle bound keep a deleted directory: rebuild while
-no job runs, or restart them.
+Bundles are versioned: each build goes into its own directory beside ``dest``
+(``.<name>.versions/<version>``), is checked there by running the bundled ``ssh
+-V``, ``ssh-keygen`` and ``sshd -t`` in a busybox root with no libc, and only then
+``dest``, a symlink, is switched to it in one rename. A reader sees the old bundle
+or the new one, never half of one, and a running job keeps the version it bound:
+old versions are removed only once no job on this node uses one (its state file
+names it) and it is not the previous one (kept for rollback, and for jobs of other
+nodes when ``dest`` is on a shared filesystem). A ``dest`` that is still a plain
+directory (an earlier layout) becomes the first old version, by rename, so jobs
+that have it bound keep it. The check's mounts live in a private mount namespace
+and vanish with it. Builds of one ``dest`` are serialised with a lock file beside
+it (``.<name>.lock``, left in place).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
 import os
 import re
@@ -60,24 +61,34 @@ CHECK_UID = 65534  # the self-check runs the bundle as nobody, like a job user
 WHERE = "udiimage build"
 
 _LDD_LINE = re.compile(r"^\s*(?:(\S+) => )?(/\S+) \(0x[0-9a-f]+\)$")
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
-def build(dest: str) -> None:
-    """Build the bundle at ``dest`` (replacing an existing one atomically)."""
+def build(dest: str, in_use: Sequence[str] = ()) -> str:
+    """Build a new version and point ``dest`` at it; returns the version's directory.
+
+    ``in_use``: version directories jobs on this node still have mounted.
+    """
     target = Path(dest).absolute()
+    if target.exists() and not target.is_symlink() and not target.is_dir():
+        raise node_error(WHERE, "destination exists and is not a directory", target)
     _ensure_openssh()
     target.parent.mkdir(parents=True, exist_ok=True)
+    versions = target.parent / f".{target.name}.versions"
     with _locked(target):
-        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
+        versions.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(versions, 0o755)  # noqa: S103 - the users' shifter reads the bundle
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=versions))
         try:
-            bundle = work / "bundle"
-            _assemble(bundle)
-            self_check(bundle, work / "check")
-            _install(bundle, target)
+            _assemble(work / "bundle")
+            self_check(work / "bundle", work / "check")
+            version = versions / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}"
+            os.rename(work / "bundle", version)
+            os.chmod(version, 0o755)  # noqa: S103 - as above
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        previous = _switch(target, version, versions)
+        _remove_unused(versions, keep={version, *(p for p in [previous] if p)}, in_use=in_use)
+    return str(version)
 
 
 # --- inputs -------------------------------------------------------------------------
@@ -289,34 +300,34 @@ def _locked(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _exchange(first: Path, second: Path) -> None:
-    """Swap two directories in one step (renameat2 RENAME_EXCHANGE)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    result = libc.renameat2(
-        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
-    )
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(first))
+def current(dest: str) -> str:
+    """The version directory ``dest`` points at now (dest itself for an old layout)."""
+    return os.path.realpath(dest)
 
 
-def _install(bundle: Path, target: Path) -> None:
-    """Put the checked bundle at ``target``; an old one is swapped out, then removed."""
-    if not target.exists() and not target.is_symlink():
-        os.rename(bundle, target)
-        return
-    if target.is_symlink() or not target.is_dir():
-        raise node_error(WHERE, "destination exists and is not a directory", target)
-    try:
-        _exchange(bundle, target)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.ENOSYS):
-            raise node_error(WHERE, "cannot replace the bundle", err) from None
-        old = bundle.with_name(f"old-{time.monotonic_ns()}")
-        os.rename(target, old)  # filesystem without RENAME_EXCHANGE: a short gap
-        os.rename(bundle, target)
-        bundle = old
-    shutil.rmtree(bundle, ignore_errors=True)
+def _switch(target: Path, version: Path, versions: Path) -> Path | None:
+    """Point the ``target`` symlink at ``version`` in one rename; the previous version."""
+    previous: Path | None = None
+    if target.is_symlink():
+        previous = Path(os.path.realpath(target))
+    elif target.exists():
+        previous = versions / f"legacy-{time.strftime('%Y%m%dT%H%M%S')}"
+        os.rename(target, previous)  # jobs that have it bound keep it
+    link = target.with_name(f".{target.name}.new-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(link)
+    os.symlink(os.path.relpath(version, target.parent), link)
+    os.rename(link, target)
+    return previous
+
+
+def _remove_unused(versions: Path, keep: set[Path], in_use: Sequence[str]) -> None:
+    """Old versions no job here uses, but the current and the previous one."""
+    used = {os.path.realpath(path) for path in in_use}
+    for entry in versions.iterdir():
+        if entry.name.startswith(".build-") or entry in keep or str(entry) in used:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 __all__ = [
@@ -325,6 +336,7 @@ __all__ = [
     "ShifterError",
     "build",
     "busybox_root",
+    "current",
     "in_root_command",
     "libraries",
     "run_in_root",

@@ -146,3 +146,51 @@ def test_parse_name(text: str, expected: tuple[str, str]) -> None:
 def test_parse_name_refuses(text: str) -> None:
     with pytest.raises(ShifterError, match="malformed image name"):
         image.parse_name(text)
+
+
+def test_the_store_is_readable_whatever_the_umask(user_tmp: Path) -> None:
+    tmp_path = user_tmp
+    store = user_tmp / "udiRoot.conf"
+    store.write_text(f"imagePath={user_tmp}/images\n")
+    store.chmod(0o644)
+    tree = images.busybox_tree(tmp_path / "tree")
+    done = subprocess.run(["sh", "-c", 'umask 077; exec "$@"', "sh", CLI, "--config",
+                           str(store), "image", "import", str(tree), "docker:busybox:umask"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    images_dir = tmp_path / "images"
+    for path in [images_dir, *images_dir.rglob("*")]:
+        if path.name.startswith(".") or path.name == ".lock":
+            continue
+        mode = path.stat().st_mode & 0o777
+        assert mode in (0o755, 0o644), (path, oct(mode))
+    lookup = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", CLI,
+                             "--config", str(store), "image", "lookup", "docker:busybox:umask"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert lookup.returncode == 0, lookup.stderr  # any user's submit-time lookup works
+
+
+@pytest.mark.parametrize("layout", ["docker-save", "oci-archive", "oci-directory"])
+def test_image_archives_are_refused_with_a_pointer(store: Path, tmp_path: Path,
+                                                   layout: str) -> None:  # fmt: skip
+    source = tmp_path / "image"
+    source.mkdir()
+    if layout == "docker-save":
+        (source / "manifest.json").write_text('[{"Layers": ["abc/layer.tar"]}]')
+        (source / "abc").mkdir()
+        (source / "abc" / "layer.tar").write_bytes(b"")
+    else:
+        (source / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+        (source / "index.json").write_text("{}")
+        (source / "blobs").mkdir()
+    target = source
+    if layout != "oci-directory":
+        target = tmp_path / "image.tar.gz"
+        with tarfile.open(target, "w:gz") as tar:
+            tar.add(source, arcname=".")
+    done = cli(store, "image", "import", str(target), "docker:archive:1")
+    assert done.returncode == 2
+    assert "an image archive (docker save, or an OCI layout), not a root filesystem" in done.stderr
+    assert "shifter-sshd image pull" in done.stderr
+    assert not (tmp_path / "images" / "data").exists() or not any(
+        (tmp_path / "images" / "data").iterdir())  # fmt: skip

@@ -375,9 +375,9 @@ def test_disabled_user_namespaces_are_detected(
     switch = tmp_path / "max_user_namespaces"
     monkeypatch.setattr(enter, "SYSCTLS", (str(tmp_path / "absent"), str(switch)))
     switch.write_text("15000\n")
-    assert enter._sysctl_refusal() is None
+    assert enter.sysctl_refusal() is None
     switch.write_text("0\n")
-    assert enter._sysctl_refusal() == f"{enter.DISABLED} ({switch} is 0)"
+    assert enter.sysctl_refusal() == f"{enter.DISABLED} ({switch} is 0)"
 
 
 def test_split_shebang(tmp_path: Path) -> None:

@@ -129,16 +129,34 @@ def test_failed_self_check_quotes_the_output(bundle: Path, scratch: Path) -> Non
     assert "libcrypto.so.3" in message
 
 
-def test_cli_build_then_atomic_rebuild(scratch: Path) -> None:
+def test_cli_build_then_versioned_rebuilds(scratch: Path) -> None:
     dest = scratch / "opt" / "udiImage"
     command = [sys.executable, "-m", "shifter_sshd", "udiimage", "build", "--dest", str(dest)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == str(dest), done
-    first = dest.stat().st_ino
-    udiimage.build(str(dest))
-    assert dest.stat().st_ino != first  # a new directory, swapped in whole
-    assert sorted(p.name for p in dest.parent.iterdir()) == [".udiImage.lock", "udiImage"]
-    assert (dest / "libexec" / "sshd").is_file()
+    assert done.returncode == 0, done
+    first = udiimage.current(str(dest))
+    assert done.stdout.strip() == f"{dest} -> {first}"
+    assert dest.is_symlink() and (dest / "libexec" / "sshd").is_file()
+    versions = dest.parent / ".udiImage.versions"
+    second = udiimage.build(str(dest))
+    assert udiimage.current(str(dest)) == second != first
+    assert sorted(p.name for p in dest.parent.iterdir()) == [
+        ".udiImage.lock", ".udiImage.versions", "udiImage"]  # fmt: skip
+    third = udiimage.build(str(dest), in_use=[first])  # a job still has the first
+    assert {str(p) for p in versions.iterdir()} == {first, second, third}
+    fourth = udiimage.build(str(dest))  # no job uses the first or second any more
+    assert {str(p) for p in versions.iterdir()} == {third, fourth}  # and the previous one
+
+
+def test_an_old_plain_directory_becomes_the_first_version(scratch: Path) -> None:
+    dest = scratch / "udiImage"
+    dest.mkdir()
+    (dest / "marker").write_text("old layout\n")
+    inode = dest.stat().st_ino
+    version = udiimage.build(str(dest))
+    legacy = [p for p in (scratch / ".udiImage.versions").iterdir() if p.name.startswith("legacy")]
+    assert len(legacy) == 1 and legacy[0].stat().st_ino == inode  # moved, not copied
+    assert udiimage.current(str(dest)) == version
 
 
 def test_refuses_a_destination_that_is_not_a_directory(scratch: Path) -> None:
@@ -147,4 +165,29 @@ def test_refuses_a_destination_that_is_not_a_directory(scratch: Path) -> None:
     with pytest.raises(ShifterError, match="not a directory"):
         udiimage.build(str(dest))
     assert dest.read_text() == "not a bundle\n"
-    assert sorted(p.name for p in scratch.iterdir()) == [".udiImage.lock", "udiImage"]
+    assert sorted(p.name for p in scratch.iterdir()) == ["udiImage"]  # refused before anything
+
+
+def test_ssh_wrapper_with_an_empty_argv(scratch: Path) -> None:
+    """main(0, {NULL}) once made the wrapper write one slot past its array. Linux 5.18
+    and later give every program an argv[0], so the test calls main itself, under
+    AddressSanitizer, as an older kernel would."""
+    harness = scratch / "harness.c"
+    harness.write_text(
+        "int wrapper_main(int argc, char **argv);\n"
+        "int main(void) { char *none[] = { 0 }; return wrapper_main(0, none); }\n"
+    )
+    source = REPO / "udiImage" / "ssh-wrapper.c"
+    binary = scratch / "wrapper"
+    asan = ["gcc", "-O1", "-g", "-fsanitize=address"]
+    for argv in (
+        [*asan, "-c", "-DWRAP_SSH", "-Dmain=wrapper_main", "-o", f"{binary}.o", str(source)],
+        [*asan, "-o", str(binary), f"{binary}.o", str(harness)],
+    ):
+        built = subprocess.run(argv, capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr
+    done = subprocess.run(
+        [str(binary)], capture_output=True, text=True, env={"ASAN_OPTIONS": "detect_leaks=0"}
+    )  # exec failed: not a leak
+    assert "AddressSanitizer" not in done.stderr, done.stderr
+    assert "udiImage wrapper: cannot run /opt/udiImage/libexec/ssh" in done.stderr  # got that far

@@ -44,7 +44,10 @@
 
 int main(int argc, char **argv)
 {
-    char **args = calloc((size_t)argc + 3, sizeof(char *));
+    /* argv[0], our option and its value, the rest of argv, NULL: argc + 3 slots, and
+     * one more when argc is 0 (execve with an empty argv), where argv[0] is ours. */
+    int given = argc > 0 ? argc : 1;
+    char **args = calloc((size_t)given + 3, sizeof(char *));
     if (args == NULL) {
         fputs("udiImage wrapper: out of memory\n", stderr);
         return 255;
@@ -54,7 +57,7 @@ int main(int argc, char **argv)
     args[2] = (char *)VALUE;
     for (int i = 1; i < argc; i++)
         args[i + 2] = argv[i];
-    args[argc > 0 ? argc + 2 : 3] = NULL;
+    args[given + 2] = NULL;
     setenv("OPENSSL_CONF", UDI "/share/openssl.cnf", 1);
     execv(TARGET, args);
     fprintf(stderr, "udiImage wrapper: cannot run %s: %s\n", TARGET, strerror(errno));
