@@ -201,7 +201,9 @@ def _quick_state_path(text: str) -> str | None:
         return None
     values = []
     for raw in text.splitlines():
-        key, sep, value = raw.split("#", 1)[0].partition("=")
+        if raw.lstrip().startswith("#"):  # comments only at line start, as config.py
+            continue
+        key, sep, value = raw.partition("=")
         if sep and key.strip() == "statePath":
             values.append(value.strip())
     if not values:

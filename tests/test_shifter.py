@@ -351,6 +351,7 @@ def test_quick_state_path_agrees_with_the_config_parser(tmp_path: Path) -> None:
     from shifter_sshd import config
 
     texts = ["", "statePath=/run/x\n", "statePath = /run/y/ # comment\nudiMount=/var/u\n",
+             "  # statePath=/c\nstatePath=/run/q\n",
              "# statePath=/no\nstatePath=/run//z\n", "statePath=/a\\\n/b\n",
              "statePath=/a\nstatePath=/b\n", "statePath=relative\n"]  # fmt: skip
     for text in texts:

@@ -50,7 +50,7 @@ SHOW_TASKS = "#!/bin/sh\necho $SLURM_TASKS_PER_NODE\n"
 def cluster() -> Iterator[Cluster]:
     if not os.access(PYTHON, os.X_OK):
         pytest.fail(f"{PYTHON} is missing: run make setup")
-    directory = tempfile.mkdtemp(prefix="shifter-sshd-slurmtest-")
+    directory = tempfile.mkdtemp(prefix="shifter-sshd-slurmtest-", dir="/var/tmp")
     os.chmod(directory, 0o755)
     try:
         record = os.path.join(directory, "record.py")

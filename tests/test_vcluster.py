@@ -73,7 +73,7 @@ class Site:
 def site() -> Iterator[Site]:
     if not os.access(SHIFTER_SSHD, os.X_OK):
         pytest.fail(f"{SHIFTER_SSHD} is missing: run make setup")
-    directory = tempfile.mkdtemp(prefix="shifter-sshd-vctest-")
+    directory = tempfile.mkdtemp(prefix="shifter-sshd-vctest-", dir="/var/tmp")
     os.chmod(directory, 0o755)  # the test users' sbatch reads the config and images
     try:
         config = os.path.join(directory, "udiRoot.conf")
