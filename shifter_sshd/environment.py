@@ -14,7 +14,7 @@ from .errors import user_error
 
 UDI_BIN = "/opt/udiImage/bin"
 # Inside a Slurm job Open MPI and MPICH's Hydra would pick srun, which the
-# container does not have (FINDINGS): keep them on ssh; pdsh too (its default, rsh,
+# container does not have (docs/user-guide.md): keep them on ssh; pdsh too (its default, rsh,
 # has no server in the container).
 LAUNCHERS = {"OMPI_MCA_plm": "rsh", "HYDRA_LAUNCHER": "ssh", "I_MPI_HYDRA_BOOTSTRAP": "ssh",
              "PDSH_RCMD_TYPE": "ssh"}  # fmt: skip

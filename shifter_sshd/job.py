@@ -1,7 +1,7 @@
 """The job, read from the environment slurmd gives a Prolog and Epilog.
 
 Nothing else is needed, so an admin can run the prolog by hand with the same
-variables. FINDINGS lists what slurmd provides; PATH and HOME are not among them.
+variables. slurmd provides neither PATH nor HOME (docs/integration.md).
 """
 
 from __future__ import annotations

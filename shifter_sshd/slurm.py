@@ -1,7 +1,7 @@
 """What the prolog needs from slurmctld beyond the environment slurmd gives it.
 
 slurmd hands a Prolog no task count, and before Slurm 23.02 no end time and no
-sharing mode either (FINDINGS), yet the prolog needs all three: the tasks per node
+sharing mode either (docs/integration.md), yet the prolog needs all three: the tasks per node
 for /var/hostsfile, the job's end for the certificates' validity, and whether the
 job has its nodes to itself (Shifter gives jobs that share their nodes no container
 sshd: two jobs' sshds would fight over one port).
@@ -150,7 +150,7 @@ def _pyslurm_record(
 ) -> tuple[dict[str, Any], str]:
     """One job through libslurm (a single-job RPC). UNTESTED HERE.
 
-    pyslurm builds only against Slurm 25.11 (FINDINGS), so this path never runs in
+    pyslurm builds only against Slurm 25.11 (docs/integration.md), so this path never runs in
     the lab. It maps pyslurm >= 23's ``Job`` attributes onto the field names
     :func:`details_from_record` reads. ``timeout`` is libslurm's own
     (MessageTimeout): pyslurm offers no per-call limit.

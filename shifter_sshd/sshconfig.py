@@ -36,11 +36,11 @@ KNOWN_HOSTS = f"{ETC}/ssh_known_hosts"
 HOST_KEY = f"{ETC}/ssh_host_ed25519_key"
 HOST_CERT = f"{ETC}/ssh_host_ed25519_key-cert.pub"
 USER_CA = f"{ETC}/ssh_user_ca.pub"
-# The job user's identity inside the container (issue 3, item 2).
+# The job user's identity inside the container: the key the prolog issues for it.
 USER_KEY = "/var/shifter/ssh/id_ed25519"
 USER_CERT = "/var/shifter/ssh/id_ed25519-cert.pub"
 
-# Algorithms for which ssh-audit 3.9 reports no failure and no warning (FINDINGS).
+# Algorithms for which ssh-audit 3.9 reports no failure and no warning (tests/test_sshd.py runs it).
 KEX = ("sntrup761x25519-sha512@openssh.com",)
 CIPHERS = (
     "chacha20-poly1305@openssh.com",
