@@ -21,6 +21,8 @@ def main(config_path: str | None = None, env: dict[str, str] | None = None) -> i
     os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")  # slurmd gives none
     environ = dict(os.environ) if env is None else env
     container_job = any(environ.get(f"SPANK_SHIFTER_{n}") for n in ("IMAGE", "IMAGE_ID"))
+    config = None
+    job_id = environ.get("SLURM_JOB_ID", "?")
     try:
         config = config_mod.load(config_path)
         job_id = job_mod.job_id_from_env(environ)
@@ -30,8 +32,26 @@ def main(config_path: str | None = None, env: dict[str, str] | None = None) -> i
         # slurmd gives the Epilog the job's SPANK_* variables too: a job that asked for
         # no container cannot have left one, so a broken config is no reason to drain.
         return EXIT_NODE if container_job else EXIT_OK
+    except Exception as err:  # a bug: logged with its traceback; drain only if mounts remain
+        log.internal_error(f"shifter-sshd: epilog: job {job_id}: internal error: {err!r}")
+        return EXIT_NODE if _mounts_left(config, job_id) else EXIT_OK
     if not clean:
         log.error(f"shifter-sshd: epilog: job {job_id}: mounts left behind under "
                   f"{config.udi_mount} or {config.loop_mount}")  # fmt: skip
         return EXIT_NODE
     return EXIT_OK
+
+
+def _mounts_left(config: object, job_id: str) -> bool:
+    """After a bug: whether anything of the job is still mounted (unknown counts as yes)."""
+    from . import mounts
+    from .config import Config
+
+    if not isinstance(config, Config):
+        return True
+    try:
+        table = mounts.mountinfo()
+    except OSError:
+        return True
+    areas = [os.path.join(area, job_id) for area in (config.udi_mount, config.loop_mount)]
+    return any(mounts.under(area, table) for area in areas)

@@ -1,6 +1,7 @@
 """Fault injection for the tests: make any prolog or teardown step fail or die.
 
-``SHIFTER_SSHD_FAULT=<raise|kill>:<step name>`` or ``delay:<step name>:<seconds>``.
+``SHIFTER_SSHD_FAULT=<raise|kill|bug>:<step name>`` (bug: an unexpected exception)
+or ``delay:<step name>:<seconds>``.
 slurmd passes a job's user only SPANK_* variables, so no job can set this; it exists
 for the fault-injection suite, which kills the prolog and epilog at every step and
 checks the next run cleans up, and for the cluster test that slows one node's prolog.
@@ -30,5 +31,7 @@ def inject(step: str) -> None:
         time.sleep(float(seconds or 1))
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "bug":
+        raise RuntimeError(f"fault injection: a bug at step {step}")
     if action == "raise":
         raise node_error("fault injection", "failing on purpose at step", step)

@@ -88,6 +88,23 @@ def test_epilog_killed_at_every_step(
     assert node.leftovers() == []
 
 
+@pytest.mark.parametrize(("step", "drains"), [("unmount", True), ("state", False)])
+def test_epilog_bug_is_logged_and_drains_only_with_mounts_left(
+    node: Node, test_users: list[LabUser], canaries: Canaries, step: str, drains: bool
+) -> None:
+    """An unexpected exception: its traceback logged; exit 1 only if the job's mounts remain."""
+    user = test_users[0]
+    assert node.prolog(_env(node, user, "403", canaries)).returncode == 0
+    buggy = node.epilog_env("403", SHIFTER_SSHD_FAULT=f"bug:{step}")
+    assert buggy.returncode == (1 if drains else 0), buggy.stderr
+    assert "epilog: job 403: internal error: RuntimeError" in buggy.stderr
+    assert "Traceback (most recent call last):" in buggy.stderr
+    done = node.epilog("403")
+    assert done.returncode == 0, done.stderr
+    assert node.leftovers() == []
+    assert Path(canaries.volume, "canary").exists()
+
+
 def _spawn_inside(root: str, user: LabUser, script: str) -> None:
     """A detached process inside the container, as the user (setsid, nohup, background)."""
     subprocess.run(["/usr/sbin/chroot", f"--userspec={user.uid}:{user.gid}", root, "/bin/sh",
