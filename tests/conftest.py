@@ -104,3 +104,24 @@ def secret_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     done = run([CLI, "secret", "init", "--path", path], dict(os.environ))
     assert done.returncode == 0, done.stderr
     return path
+
+
+# --- the cluster tests' site and 3-node cluster (one of each per test module) ----------
+
+from lab.site import Site, make_site  # noqa: E402
+from lab.vcluster import Cluster  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    built = make_site(with_mpich=True)
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(site: Site) -> Iterator[Cluster]:
+    with site.cluster(nodes=3) as up:
+        yield up

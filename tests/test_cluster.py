@@ -6,30 +6,14 @@ from __future__ import annotations
 import pwd
 import re
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from lab.site import BUSYBOX, MPICH, OPENMPI, STATE, Site, make_site
+from lab.site import BUSYBOX, MPICH, OPENMPI, STATE, Site
 from lab.vcluster import Cluster
 
 DEBIAN = "Debian GNU/Linux 12 (bookworm)"
 USER, OTHER = "sstest1", "sstest2"
-
-
-@pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
-    built = make_site(with_mpich=True)
-    try:
-        yield built
-    finally:
-        built.close()
-
-
-@pytest.fixture(scope="module")
-def cluster(site: Site) -> Iterator[Cluster]:
-    with site.cluster(nodes=3) as up:
-        yield up
 
 
 def leftovers(cluster: Cluster) -> dict[str, str]:

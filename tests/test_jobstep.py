@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from test_cluster import leftovers, run_job, settled
@@ -22,21 +22,6 @@ from lab.site import BUSYBOX, FAULT_FILE, MPICH, OPENMPI, STATE, Site, make_site
 from lab.vcluster import Cluster
 
 USER = "sstest1"
-
-
-@pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
-    built = make_site(with_mpich=True)
-    try:
-        yield built
-    finally:
-        built.close()
-
-
-@pytest.fixture(scope="module")
-def cluster(site: Site) -> Iterator[Cluster]:
-    with site.cluster(nodes=3) as up:
-        yield up
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

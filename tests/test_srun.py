@@ -11,31 +11,15 @@ every byte; MPI and UCX run with their default settings.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 from test_cluster import run_job
 
-from lab.site import MPICH, OPENMPI, Site, make_site
+from lab.site import MPICH, OPENMPI
 from lab.vcluster import Cluster
 
 PINGPONG = "/usr/local/bin/mpi_pingpong"
 TROUBLE = ("PMIX ERROR", "CMA is not available", "Permission denied", "error", "Error")
-
-
-@pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
-    built = make_site(with_mpich=True)
-    try:
-        yield built
-    finally:
-        built.close()
-
-
-@pytest.fixture(scope="module")
-def cluster(site: Site) -> Iterator[Cluster]:
-    with site.cluster(nodes=3) as up:
-        yield up
 
 
 def pairs(output: str) -> list[tuple[str, str, str, str]]:
