@@ -4,7 +4,8 @@ Run as root: ``python -m benchmarks.bench_prolog [rounds]``. The two are timed i
 turn, round by round, on the same images, so the ratio survives a noisy machine.
 Prints, for the busybox and the Debian image: medians of prolog and epilog, the
 prolog's breakdown (interpreter start and imports, image mount, /etc, binds,
-/dev and devpts, hostsfile) and the script's setup and teardown, with the ratio.
+/dev and devpts, hostsfile) and the script's setup and teardown (kill by pid
+file, lazy unmount, as Shifter's unsetupRoot), with the ratios.
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ mkdir -p "$R/opt/udiImage"
 mount --bind -o ro "$UDI" "$R/opt/udiImage"
 printf 'node1\\nnode1\\n' > "$R/var/hostsfile"
 """
+# Shifter's unsetupRoot in miniature: kill the sshd by its pid file, lazy unmounts.
 SCRIPT_TEARDOWN = """#!/bin/sh
-set -e
-umount -R "$1"
-umount -R "$2"
+pids=$(cat "$2/sshd.pid" 2>/dev/null) && kill $pids
+umount -l "$1"
+umount -l "$2"
 rmdir "$1" "$2"
 """
 

@@ -8,20 +8,17 @@ ignored (``udiMont=``) would put a container root somewhere nobody expects.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from . import confvalues as v
 from .confvalues import SiteMount, parse_mount_spec
 from .errors import ShifterError, node_error, usage_error
+from .quickconf import DEFAULT_PATH, resolve_path
 
 TYPE_CHECKING = False  # importing typing costs every prolog ~3 ms; mypy knows this name
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, TypeAlias
-
-DEFAULT_PATH = "/etc/shifter/udiRoot.conf"
-ENV_PATH = "SHIFTER_SSHD_CONFIG"
 
 
 @dataclass(frozen=True)
@@ -294,11 +291,6 @@ def _check_whole(config: Config) -> None:
     for name in config.default_modules:
         if config.module(name) is None:
             raise node_error(where, "defaultModules names an undefined module", name)
-
-
-def resolve_path(cli_path: str | None = None) -> str:
-    """The config path: ``--config``, else $SHIFTER_SSHD_CONFIG, else the default."""
-    return cli_path or os.environ.get(ENV_PATH) or DEFAULT_PATH
 
 
 def load(cli_path: str | None = None) -> Config:

@@ -7,10 +7,14 @@ so a site points them at a two-line script running these with ``--config``.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
 
 from .errors import EXIT_NODE, EXIT_OK
+
+TYPE_CHECKING = False  # collections.abc's import costs the epilog ~0.7 ms
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def _run(name: str, main: Callable[[str | None], int], doc: str | None) -> int:
@@ -26,13 +30,21 @@ def _run(name: str, main: Callable[[str | None], int], doc: str | None) -> int:
     return main(None)
 
 
+def _exit(code: int) -> int:
+    """End the process at once: the interpreter's own teardown (freeing every module,
+    1.3 ms of a 10 ms epilog) serves nothing here. Nothing registers atexit work."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def prolog() -> int:
     from . import prolog as module
 
-    return _run("prolog", module.main, module.__doc__)
+    return _exit(_run("prolog", module.main, module.__doc__))
 
 
 def epilog() -> int:
     from . import epilog as module
 
-    return _run("epilog", module.main, module.__doc__)
+    return _exit(_run("epilog", module.main, module.__doc__))

@@ -3,29 +3,33 @@
 Succeeds when there is nothing to do (no prolog ran, or the epilog runs twice).
 Exits 1, which drains the node, only when mounts could not be removed: the node
 then really needs an admin.
+
+Every job end runs it, so it starts lean: the four keys it needs are read by
+quickconf (config.py only for an unusual file), and the modules it imports avoid
+dataclasses, re, json, signal and typing (tests/test_quickconf.py checks).
+Teardown does not depend on the rest of udiRoot.conf: a key an upgrade made
+unknown, or a typo added after the job started, cannot strand a job's mounts.
 """
 
 from __future__ import annotations
 
 import os
 
-from . import job as job_mod
-from . import log, teardown
+from . import log, quickconf, teardown
+from .areas import job_id_from_env
 from .errors import EXIT_NODE, EXIT_OK, ShifterError
 from .state import StateStore
 
 
 def main(config_path: str | None = None, env: dict[str, str] | None = None) -> int:
-    from . import config as config_mod
-
     os.environ.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")  # slurmd gives none
     environ = dict(os.environ) if env is None else env
     container_job = any(environ.get(f"SPANK_SHIFTER_{n}") for n in ("IMAGE", "IMAGE_ID"))
-    config = None
+    config: quickconf.Places | None = None
     job_id = environ.get("SLURM_JOB_ID", "?")
     try:
-        config = config_mod.load(config_path)
-        job_id = job_mod.job_id_from_env(environ)
+        config = _settings(config_path)
+        job_id = job_id_from_env(environ)
         clean = teardown.teardown(config, StateStore(config.state_path), job_id)
     except ShifterError as err:
         log.error(str(err))
@@ -42,12 +46,25 @@ def main(config_path: str | None = None, env: dict[str, str] | None = None) -> i
     return EXIT_OK
 
 
-def _mounts_left(config: object, job_id: str) -> bool:
+def _settings(config_path: str | None) -> quickconf.Places:
+    """teardown's four keys, from quickconf or (for an unusual file) config.py."""
+    path = quickconf.resolve_path(config_path)
+    text = quickconf.read_text(path)
+    found = None if text is None else quickconf.places(text)
+    if found is None:
+        from . import config as config_mod
+
+        full = config_mod.load(path)
+        found = quickconf.Places(full.udi_mount, full.loop_mount, full.state_path,
+                                 full.kill_grace)  # fmt: skip
+    return found
+
+
+def _mounts_left(config: quickconf.Places | None, job_id: str) -> bool:
     """After a bug: whether anything of the job is still mounted (unknown counts as yes)."""
     from . import mounts
-    from .config import Config
 
-    if not isinstance(config, Config):
+    if config is None:
         return True
     try:
         table = mounts.mountinfo()

@@ -10,9 +10,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .areas import job_id_from_env
 from .errors import node_error, user_error
 
-_JOB_ID = re.compile(r"^[0-9]{1,12}$")
 _CPUS = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
 
 
@@ -45,13 +45,6 @@ def _integer(env: Mapping[str, str], name: str, default: str | None = None) -> i
     if value is None or not value.isdigit():
         raise node_error("job environment", f"{name} is not a number", value)
     return int(value)
-
-
-def job_id_from_env(env: Mapping[str, str]) -> str:
-    job_id = _required(env, "SLURM_JOB_ID")
-    if not _JOB_ID.match(job_id):
-        raise node_error("job environment", "malformed SLURM_JOB_ID", job_id)
-    return job_id
 
 
 def from_env(env: Mapping[str, str]) -> Job:

@@ -5,23 +5,27 @@ A process belongs to the container when its root directory is the container root
 detached: setsid, nohup, double fork), or when it runs as the job user with its
 working directory inside the container's mounts, or sits in the job's cgroup where
 Slurm made one. Pids are matched with their start time so a recycled pid is spared.
+
+The epilog imports this module: it stays free of signal, re, glob and dataclasses
+(together about 12 ms of the epilog's start).
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import re
-import signal
 import time
-from dataclasses import dataclass
+
+SIGKILL = 9  # Linux's numbers: the signal module costs 2.6 ms (enum) to import
+SIGTERM = 15
 
 
-@dataclass(frozen=True)
 class Proc:
-    pid: int
-    start: int  # clock ticks since boot, field 22 of /proc/<pid>/stat
-    name: str
+    __slots__ = ("name", "pid", "start")
+
+    def __init__(self, pid: int, start: int, name: str) -> None:
+        self.pid = pid
+        self.start = start  # clock ticks since boot, field 22 of /proc/<pid>/stat
+        self.name = name
 
 
 def _stat(pid: int) -> tuple[int, str, str] | None:
@@ -46,17 +50,40 @@ def _under(path: str, areas: tuple[str, ...]) -> bool:
     return any(path == area or path.startswith(area.rstrip("/") + "/") for area in areas)
 
 
+def _subdirs(path: str, prefix: str = "") -> list[str]:
+    try:
+        with os.scandir(path) as entries:
+            return [e.path for e in entries if e.name.startswith(prefix)
+                    and e.is_dir(follow_symlinks=False)]  # fmt: skip
+    except OSError:
+        return []
+
+
+def _job_cgroups(job_id: str) -> list[str]:
+    """The job's cgroup directories: cgroup v1 ``<controller>/slurm*/uid_*/job_<id>``, or
+    v2 ``system.slice/**/job_<id>`` (where Slurm's plugins made them)."""
+    name = f"job_{job_id}"
+    found = []
+    for controller in _subdirs("/sys/fs/cgroup"):
+        for slurm in _subdirs(controller, "slurm"):
+            uids = _subdirs(slurm, "uid_")
+            found += [os.path.join(u, name) for u in uids if os.path.isdir(os.path.join(u, name))]
+    for top, dirs, _files in os.walk("/sys/fs/cgroup/system.slice"):
+        if name in dirs:
+            found.append(os.path.join(top, name))
+            dirs.remove(name)
+    return found
+
+
 def _job_cgroup_pids(job_id: str) -> set[int]:
-    """Pids in the job's cgroup (cgroup v1 or v2), where Slurm's plugins made one."""
-    patterns = (
-        f"/sys/fs/cgroup/*/slurm*/uid_*/job_{job_id}/**/cgroup.procs",
-        f"/sys/fs/cgroup/system.slice/**/job_{job_id}/**/cgroup.procs",
-    )
+    """Pids in the job's cgroups and their children, where Slurm's plugins made them."""
     pids: set[int] = set()
-    for pattern in patterns:
-        for path in glob.glob(pattern, recursive=True):
+    for cgroup in _job_cgroups(job_id):
+        for top, _dirs, files in os.walk(cgroup):
+            if "cgroup.procs" not in files:
+                continue
             try:
-                with open(path, encoding="ascii") as handle:
+                with open(os.path.join(top, "cgroup.procs"), encoding="ascii") as handle:
                     pids.update(int(line) for line in handle if line.strip())
             except (OSError, ValueError):
                 continue
@@ -116,13 +143,15 @@ def slurm_jobs(pid: int) -> set[str] | None:
             text = handle.read()
     except OSError:
         return None
+    import re
+
     return set(re.findall(r"/job_(\d+)(?=/|$)", text, re.MULTILINE))
 
 
 def kill_now(pids: list[int], wait: float = 2.0) -> None:
     """SIGKILL ``pids`` (start time checked) and wait until they are gone."""
     victims = [Proc(pid, start, "") for pid in pids if (start := start_time(pid)) is not None]
-    _signal(victims, signal.SIGKILL)
+    _signal(victims, SIGKILL)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline and any(_alive(p) for p in victims):
         time.sleep(0.01)
@@ -144,13 +173,24 @@ def _signal(procs: list[Proc], sig: int) -> None:
             pass
 
 
+def signal_if_same(pid: int, started: int, sig: int) -> bool:
+    """Signal ``pid`` if it is still the process that started at ``started``."""
+    if pid <= 0 or start_time(pid) != started:
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def stop(root: str, areas: tuple[str, ...], uid: int, job_id: str, grace: float) -> list[Proc]:
     """SIGTERM, ``grace`` seconds, SIGKILL; returns once they are all gone (zombies count
     as gone: they hold no mount)."""
     victims = find(root, areas, uid, job_id)
     if not victims:
         return []
-    _signal(victims, signal.SIGTERM)
+    _signal(victims, SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and find(root, areas, uid, job_id):
         time.sleep(0.02)
@@ -158,6 +198,6 @@ def stop(root: str, areas: tuple[str, ...], uid: int, job_id: str, grace: float)
         left = find(root, areas, uid, job_id)
         if not left:
             break
-        _signal(left, signal.SIGKILL)
+        _signal(left, SIGKILL)
         time.sleep(0.02)
     return victims

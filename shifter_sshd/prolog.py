@@ -15,7 +15,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import environment, etc, faults, hostsfile, image, log, rootfs, teardown, users, volumes
+from . import (
+    areas,
+    environment,
+    etc,
+    faults,
+    hostsfile,
+    image,
+    log,
+    rootfs,
+    teardown,
+    users,
+    volumes,
+)
 from . import job as job_mod
 from .config import Config, Module, SiteMount
 from .errors import EXIT_NODE, EXIT_OK, Kind, ShifterError, node_error, user_error
@@ -118,7 +130,7 @@ def step_leftovers(s: Setup) -> None:
     slurm_conf = s.job_env.get("SLURM_CONF", "")
     dead = leftovers.dead(s.config, s.store, s.job.job_id, s.exclusive, slurm_conf)
     for job_id in [s.job.job_id, *dead]:
-        root, _scratch = rootfs.job_dirs(s.config, job_id)
+        root, _scratch = areas.job_dirs(s.config, job_id)
         if job_id != s.job.job_id:
             log.info(f"prolog: job {s.job.job_id}: job {job_id} no longer runs here: "
                      "removing its container")  # fmt: skip
@@ -133,7 +145,7 @@ def step_leftovers(s: Setup) -> None:
 def step_mount_points(s: Setup) -> None:
     """The job's directories in the two root-owned areas, held by descriptor."""
     for area in (s.config.udi_mount, s.config.loop_mount):
-        area_fd = rootfs.open_area(area)
+        area_fd = areas.open_area(area)
         try:
             s.job_dirs.append(rootfs.job_dir(area_fd, s.job.job_id))
         finally:
@@ -396,7 +408,7 @@ def run_steps(s: Setup) -> None:
 def build(config: Config, job: job_mod.Job, env: dict[str, str] | None = None) -> Setup:
     """Build the container; on any failure undo everything, then re-raise."""
     store = StateStore(config.state_path)
-    root, scratch = rootfs.job_dirs(config, job.job_id)
+    root, scratch = areas.job_dirs(config, job.job_id)
     setup = Setup(config, job, store, new_state(job.job_id, root, scratch),
                   job_env=dict(env or {}))  # fmt: skip
     try:

@@ -71,29 +71,6 @@ class Tree:
         return Root(self.root)
 
 
-def job_dirs(config: Config, job_id: str) -> tuple[str, str]:
-    """(container root, scratch) for a job, as host paths (for the state and logs)."""
-    return os.path.join(config.udi_mount, job_id), os.path.join(config.loop_mount, job_id)
-
-
-def open_area(path: str) -> int:
-    """udiMount or loopMount: made if missing; must be root's and writable by root only.
-
-    A directory others can write could have its job directory swapped; refuse it.
-    """
-    os.makedirs(path, mode=0o755, exist_ok=True)
-    try:
-        fd = sc.openat2(sc.AT_FDCWD, path, os.O_PATH | os.O_DIRECTORY, sc.RESOLVE_NO_SYMLINKS)
-    except OSError as err:
-        raise node_error("rootfs", f"mount area unusable ({err.strerror})", path) from None
-    info = os.fstat(fd)
-    if info.st_uid != 0 or info.st_mode & 0o022:
-        os.close(fd)
-        raise node_error("rootfs", "mount area must be owned by root, not group/other-writable",
-                         path)  # fmt: skip
-    return fd
-
-
 def job_dir(area_fd: int, job_id: str) -> int:
     """The job's directory in an area, root-owned 0700 (a mount covers it)."""
     try:

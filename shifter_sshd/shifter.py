@@ -175,42 +175,17 @@ def parse_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def state_path(config_path: str) -> str:
-    """statePath from udiRoot.conf, the one key shifter needs.
+    """statePath from udiRoot.conf, the one key shifter needs (quickconf.py says why)."""
+    from . import quickconf
 
-    Importing shifter_sshd.config costs about 20 ms (dataclasses), more than the
-    interpreter's start, on every task: read the key here with the same syntax
-    (comments, backslash continuations); anything unusual goes to config.load,
-    which also gives its precise errors.
-    """
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError):
-        text = "\\"  # let config.load report it
-    found = _quick_state_path(text)
-    if found is None:
+    text = quickconf.read_text(config_path)
+    found = None if text is None else quickconf.values(text, ("statePath",))
+    state = None if found is None else quickconf.path_value(found, "statePath")
+    if state is None:
         from . import config
 
         return config.load(config_path).state_path
-    return found
-
-
-def _quick_state_path(text: str) -> str | None:
-    """The statePath value, the default when absent; None for anything unusual."""
-    if "\\" in text:
-        return None
-    values = []
-    for raw in text.splitlines():
-        if raw.lstrip().startswith("#"):  # comments only at line start, as config.py
-            continue
-        key, sep, value = raw.partition("=")
-        if sep and key.strip() == "statePath":
-            values.append(value.strip())
-    if not values:
-        return "/run/shifter-sshd"
-    if len(values) > 1 or not values[0].startswith("/") or "\0" in values[0]:
-        return None
-    return os.path.normpath(values[0])
+    return state
 
 
 def load_container(environ: Mapping[str, str]) -> Container:

@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import log
+from .areas import job_id_from_env
 from .errors import ShifterError, node_error
 from .hostsfile import expand_nodelist
-from .job import expand_cpus_per_node, job_id_from_env
+from .job import expand_cpus_per_node
 
 SQUEUE = "/usr/bin/squeue"
 WHERE = "slurm"

@@ -241,19 +241,3 @@ def _tail(ssh_dir: int, lines: int = 5) -> str:
     finally:
         os.close(fd)
     return " | ".join(text.strip().splitlines()[-lines:]) or "(empty sshd log)"
-
-
-def stop(pid: int, started: int) -> bool:
-    """SIGTERM our sshd by its pid, never a recycled pid; True if it was signalled.
-
-    Waiting and SIGKILL are teardown's (processes.stop), for sshd and its sessions alike.
-    """
-    from . import processes
-
-    if pid <= 0 or processes.start_time(pid) != started:
-        return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    return True

@@ -13,8 +13,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from . import leftovers, mounts, processes
+from .areas import job_dirs
 from .config import Config
-from .rootfs import job_dirs
 from .state import StateStore
 
 

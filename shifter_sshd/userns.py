@@ -101,12 +101,3 @@ def _write_maps(pid: int, user: User) -> None:
             os.write(fd, text.encode())
         finally:
             os.close(fd)
-
-
-def stop(pid: int, started: int) -> None:
-    """Kill the holder by pid and start time (a recycled pid is spared)."""
-    if pid > 0 and processes.start_time(pid) == started:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
