@@ -3,17 +3,27 @@ ssh and mpirun across nodes, as unprivileged users. One cluster for the module."
 
 from __future__ import annotations
 
+import os
 import pwd
 import re
+import shutil
+import subprocess
+import sysconfig
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from lab.site import BUSYBOX, MPICH, OPENMPI, STATE, Site
+from lab import VENV
+from lab.site import BUSYBOX, MPICH, OPENMPI, SHIFTER_SSHD, STATE, Site
 from lab.vcluster import Cluster
 
 DEBIAN = "Debian GNU/Linux 12 (bookworm)"
 USER, OTHER = "sstest1", "sstest2"
+CHECKOUT = Path(__file__).resolve().parents[1]
+VENV_SITE_PACKAGES = sysconfig.get_path("purelib", vars={"base": VENV, "platbase": VENV})
 
 
 def leftovers(cluster: Cluster) -> dict[str, str]:
@@ -218,3 +228,70 @@ def test_shared_job_gets_a_container_but_no_sshd(cluster: Cluster) -> None:
     assert "BusyBox test root" in output
     assert "sshd-count=0" in output
     assert re.search(r"^0$", output, re.M)  # no per-job ssh files either
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the lab's nodes see too (each node has its own /tmp)."""
+    path = Path(tempfile.mkdtemp(prefix="shifter-sshd-test-", dir="/var/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_bundle_rebuild_and_package_reinstall_under_a_running_job(
+    cluster: Cluster, site: Site, shared_dir: Path
+) -> None:
+    """docs/admin.md's upgrades while a job runs: ``udiimage build`` twice on a node of
+    the job (its version is then neither current nor previous: only the job's state
+    keeps it), and the package reinstalled in place (every file of the venv's
+    shifter_sshd replaced). The job's ssh and mpirun go on working, its epilog (the
+    new code) tears it down, and a later build removes the version the job used."""
+    go = shared_dir / "go"
+    script = f"""
+shifter /bin/sh -c 'echo before: $(ssh node2 hostname)'
+while [ ! -e {go} ]; do sleep 0.2; done
+shifter /bin/sh -c 'echo after: $(ssh node2 hostname); mpirun -np 4 /usr/local/bin/mpi_hello'
+"""
+    job = cluster.sbatch(USER, "#!/bin/sh\n" + script, ["-N2", "--exclusive", f"--image={OPENMPI}"])
+    try:
+        _upgrade_while(cluster, site, job, go)
+    finally:
+        cluster.client(["scancel", str(job)], check=False)
+
+
+def _upgrade_while(cluster: Cluster, site: Site, job: int, go: Path) -> None:
+    deadline = time.monotonic() + 120
+    while "before: node2" not in _output_so_far(cluster, job):
+        assert time.monotonic() < deadline, cluster.job(job)
+        time.sleep(0.2)
+    bundle = Path(site.directory, "udiImage")
+    used = bundle.resolve()
+    build = [SHIFTER_SSHD, "--config", site.config, "udiimage", "build"]
+    for _twice in range(2):
+        done = cluster.run("node1", build, check=False)
+        assert done.returncode == 0, done.stderr
+    assert bundle.resolve() != used and used.is_dir()  # kept for the running job
+    module = Path(VENV_SITE_PACKAGES, "shifter_sshd", "teardown.py")
+    inode = module.stat().st_ino
+    reinstall = subprocess.run(["make", "-C", str(CHECKOUT), "setup"], capture_output=True,
+                               text=True, check=False)  # fmt: skip
+    assert reinstall.returncode == 0, reinstall.stderr
+    assert module.stat().st_ino != inode  # really replaced
+    go.touch()
+    state = cluster.wait(job, timeout=180)
+    output = cluster.output(job)
+    assert state == "COMPLETED", output
+    assert "after: node2" in output, output
+    ranks = re.findall(r"^rank (\d) of 4 on (node\d): ", output, re.M)
+    assert {host for _r, host in ranks} == {"node1", "node2"} and len(ranks) == 4, output
+    assert settled(cluster) == {}
+    assert cluster.run("node1", build, check=False).returncode == 0
+    assert not used.exists()  # no job uses it any more
+
+
+def _output_so_far(cluster: Cluster, job: int) -> str:
+    try:
+        return cluster.output(job)
+    except FileNotFoundError:
+        return ""
