@@ -61,11 +61,14 @@ class Site:
         subprocess.run(["chmod", "-R", "a+rX", f"{self.directory}/images"], check=True)
         return self.image_ids[name]
 
-    def cluster(self, nodes: int = 3, epilog: bool = True, **slurm: str) -> Cluster:
+    def cluster(self, nodes: int = 3, epilog: bool = True, gpus: int = 0, gpu_files: str = "",
+                **slurm: str) -> Cluster:  # fmt: skip
         """A cluster (not yet up) running this site's prolog, epilog and plugin;
         ``slurm`` passes Cluster's settings (proctrack, prolog_flags)."""
         return Cluster(
             nodes=nodes,
+            gpus=gpus,
+            gpu_files=gpu_files,
             prolog=f"{self.directory}/prolog.sh",
             epilog=f"{self.directory}/epilog.sh" if epilog else None,
             plugstack=[self.plugstack],

@@ -36,6 +36,8 @@ class Layout:
     prolog_flags: str = "Alloc,Contain,DeferBatch"
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     memory_mb: int = 8192  # RealMemory of each node: a limit, not a promise
+    gpus: int = 0  # gres gpu per node (lab.fakegpu's device nodes)
+    gpu_files: str = ""  # gres.conf File=, e.g. /var/tmp/x/dev/nvidia[0-3]
 
     @property
     def index(self) -> int:
@@ -122,6 +124,8 @@ def slurm_conf(layout: Layout) -> str:
         "SlurmdTimeout=120",
         "MailProg=/bin/true",
     ]
+    if layout.gpus:
+        lines.append("GresTypes=gpu")
     if layout.prolog:
         lines.append(f"Prolog={layout.prolog}")
     if layout.epilog:
@@ -130,6 +134,7 @@ def slurm_conf(layout: Layout) -> str:
         lines.append(
             f"NodeName={node} NodeAddr={layout.addr(node)} NodeHostname={node} "
             f"CPUs={layout.cpus} RealMemory={layout.memory_mb} State=UNKNOWN"
+            + (f" Gres=gpu:{layout.gpus}" if layout.gpus else "")
         )
     lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
     return "\n".join(lines) + "\n"
@@ -146,6 +151,13 @@ def cgroup_conf(layout: Layout) -> str:
         "ConstrainRAMSpace=yes",
         "ConstrainSwapSpace=no",
     ]) + "\n"  # fmt: skip
+
+
+def gres_conf(layout: Layout) -> str:
+    """gres.conf: every node's (fake) GPUs; the same device files on every node."""
+    if not layout.gpus:
+        return "# no generic resources\n"
+    return f"Name=gpu File={layout.gpu_files}\n"
 
 
 def plugstack_conf(layout: Layout) -> str:

@@ -34,6 +34,7 @@ from .slurmconf import (
     CTL_NAME,
     Layout,
     cgroup_conf,
+    gres_conf,
     hosts,
     plugstack_conf,
     resolv_conf,
@@ -61,7 +62,10 @@ class Cluster:
         private_dirs: Sequence[str] = (),
         proctrack: str = "cgroup",
         prolog_flags: str = "Alloc,Contain,DeferBatch",
+        gpus: int = 0,
+        gpu_files: str = "",
     ) -> None:
+        self.gpus, self.gpu_files = gpus, gpu_files
         self.proctrack = proctrack
         self.prolog_flags = prolog_flags
         self.node_count = nodes
@@ -83,7 +87,8 @@ class Cluster:
         index, root = allocate()
         subnet = f"10.77.{index}"
         layout = Layout(root, subnet, self.node_count, self.prolog, self.epilog, self.plugstack,
-                        self.proctrack, self.prolog_flags)  # fmt: skip
+                        self.proctrack, self.prolog_flags, gpus=self.gpus,
+                        gpu_files=self.gpu_files)  # fmt: skip
         self._layout = layout
         self._teardown = Teardown(root, index, layout.node_names)
         # The finalizer holds only the Teardown, so a forgotten or failed cluster is
@@ -152,6 +157,7 @@ class Cluster:
         for name, text in (
             ("slurm.conf", slurm_conf(layout)),
             ("cgroup.conf", cgroup_conf(layout)),
+            ("gres.conf", gres_conf(layout)),
             ("plugstack.conf", plugstack_conf(layout)),
             ("hosts", hosts(layout)),
             ("resolv.conf", resolv_conf()),

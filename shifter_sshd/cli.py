@@ -7,6 +7,7 @@ every job's start path and must not pay for the image store or the key code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -193,6 +194,23 @@ def cmd_spank_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cdi_generate(args: argparse.Namespace) -> int:
+    from . import cdigen
+
+    text = cdigen.render(cdigen.generate(kind=args.kind), args.format)
+    if not args.output:
+        sys.stdout.write(text)
+        return EXIT_OK
+    directory, name = os.path.split(os.path.abspath(args.output))
+    partial = os.path.join(directory, f".{name}.partial")
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(partial, 0o644)
+    os.replace(partial, args.output)  # CDI readers never see half a spec
+    print(args.output)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shifter-sshd", description=__doc__)
     parser.add_argument("--config", help="udiRoot.conf (default: $SHIFTER_SSHD_CONFIG, "
@@ -261,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--path", default=None)
     ini.add_argument("--force", action="store_true", help="replace an existing secret")
     ini.set_defaults(func=cmd_secret_init)
+
+    cdi = sub.add_parser("cdi", help="CDI specs for GPUs").add_subparsers(dest="sub", required=True)
+    gen = cdi.add_parser("generate", help="a CDI spec from this node's NVIDIA driver (for "
+                         "sites without nvidia-ctk)")  # fmt: skip
+    gen.add_argument("--output", default=None, help="e.g. /etc/cdi/nvidia.yaml (default: stdout)")
+    gen.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    gen.add_argument("--kind", default="nvidia.com/gpu")
+    gen.set_defaults(func=cmd_cdi_generate)
 
     spk = sub.add_parser("spank", help="the SPANK plugin").add_subparsers(dest="sub", required=True)
     sbl = spk.add_parser("build", help="compile the SPANK plugin against Slurm's headers")

@@ -70,6 +70,10 @@ class Config:
     max_volumes: int = 64
     max_image_mounts: int = 256
     volume_timeout: float = 20.0
+    gpu_injection: str = "auto"  # auto: the job's GPUs; module: only with --module=gpu
+    cdi_spec_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")
+    gpu_cdi_device: str = "nvidia.com/gpu={index}"
+    host_devices: tuple[str, ...] = ("fuse", "infiniband", "knem", "xpmem", "hfi1*", "cxi*")
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def module(self, name: str) -> Module | None:
@@ -116,6 +120,10 @@ KEYS: dict[str, tuple[str, Parser, bool]] = {
     "maxVolumes": ("max_volumes", v.int_range(0, 10000), False),
     "maxImageMounts": ("max_image_mounts", v.int_range(1, 100000), False),
     "volumeTimeout": ("volume_timeout", v.seconds, False),
+    "gpuInjection": ("gpu_injection", v.word(("auto", "module", "off")), False),
+    "cdiSpecDirs": ("cdi_spec_dirs", v.paths, True),
+    "gpuCdiDevice": ("gpu_cdi_device", v.cdi_device, False),
+    "hostDevices": ("host_devices", v.globs, True),
 }
 
 # module_<name>_<key>: key -> (Module field, parser)

@@ -78,6 +78,30 @@ def names(where: str, key: str, value: str) -> tuple[str, ...]:
     return names
 
 
+def paths(where: str, key: str, value: str) -> tuple[str, ...]:
+    return tuple(path(where, key, item) for item in value.replace(",", " ").split())
+
+
+_GLOB = re.compile(r"^[A-Za-z0-9_.*?\[\]-]+$")
+
+
+def globs(where: str, key: str, value: str) -> tuple[str, ...]:
+    """Names with shell wildcards (``hfi1*``): entries of one directory, never a path."""
+    found = tuple(value.replace(",", " ").split())
+    for name in found:
+        if not _GLOB.match(name) or name in (".", ".."):
+            raise node_error(where, f"{key} has an invalid name pattern", name)
+    return found
+
+
+def cdi_device(where: str, key: str, value: str) -> str:
+    """``vendor/class=name``, where ``{index}`` stands for Slurm's GPU index."""
+    kind, sep, name = value.partition("=")
+    if not sep or kind.count("/") != 1 or "{index}" not in name or any(c.isspace() for c in value):
+        raise node_error(where, f"{key} must look like nvidia.com/gpu={{index}}", value)
+    return value
+
+
 def word(choices: tuple[str, ...] | None = None) -> Callable[[str, str, str], str]:
     def parse(where: str, key: str, value: str) -> str:
         if not value or any(c.isspace() for c in value):

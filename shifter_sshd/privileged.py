@@ -129,6 +129,24 @@ def symlink(dir_fd: int, name: str, target: str) -> None:
     os.symlink(target, _name(name), dir_fd=dir_fd)
 
 
+def make_node(dir_fd: int, name: str, kind: int, rdev: int, mode: int,
+              owner: tuple[int, int] = (0, 0)) -> None:  # fmt: skip
+    """A device node (``kind`` stat.S_IFCHR or S_IFBLK) in the container's own /dev.
+
+    Only ever called on the tmpfs ``devfs`` made for the container: the host's /dev
+    is not touched, and which devices a job may open stays the job's device cgroup's
+    decision (Slurm's ConstrainDevices).
+    """
+    if kind not in (stat.S_IFCHR, stat.S_IFBLK):
+        raise OSError(22, "not a device type", name)
+    os.mknod(_name(name), kind | 0o600, rdev, dir_fd=dir_fd)
+    fd = open_entry(dir_fd, name)
+    try:
+        set_owner(fd, owner[0], owner[1], mode & 0o7777)
+    finally:
+        os.close(fd)
+
+
 def set_owner(fd: int, uid: int, gid: int, mode: int) -> None:
     """Owner and mode of what ``fd`` names, O_PATH descriptors included.
 

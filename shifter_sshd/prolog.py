@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 from . import (
     areas,
+    devfs,
     environment,
     etc,
     faults,
+    gpus,
     hostsfile,
     image,
     log,
@@ -54,6 +56,7 @@ class Setup:
     modules: list[Module] = field(default_factory=list)
     allocation: list[tuple[str, int]] = field(default_factory=list)
     key_set: keys.NodeKeySet | None = None
+    gpus: gpus.Plan | None = None  # the job's GPUs on this node, from CDI
     env: dict[str, str] = field(default_factory=dict)  # the container's environment
     exclusive: bool | None = None  # from slurm.query; None: not run by slurmd
     end_time: int | None = None
@@ -88,6 +91,8 @@ def step_request(s: Setup) -> None:
     s.modules = environment.modules(s.config, s.job.modules)
     assert s.image is not None
     s.env = environment.container_env(s.config, s.image.metadata.env, s.modules)
+    s.gpus = gpus.plan(s.config, s.job_env, s.job.modules)
+    s.env.update(s.gpus.env if s.gpus else {})
     for name, value in s.env.items():
         if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
             raise user_error("image", f"control character in the value of {name}", repr(value))
@@ -186,7 +191,14 @@ def step_etc(s: Setup) -> None:
 
 
 def step_system(s: Setup) -> None:
-    rootfs.mount_system(s.tree)
+    devices = devfs.host_devices(s.config.host_devices) + (s.gpus.nodes if s.gpus else [])
+    rootfs.mount_system(s.tree, devices, s.gpus.dev_modes if s.gpus else {})
+
+
+def step_gpus(s: Setup) -> None:
+    if s.gpus:
+        gpus.apply(s.tree, s.gpus)
+        log.info(f"prolog: job {s.job.job_id}: GPUs {','.join(s.gpus.indexes)} in the container")
 
 
 def step_udiimage(s: Setup) -> None:
@@ -379,6 +391,7 @@ STEPS: list[tuple[str, Callable[[Setup], None]]] = [
     ("overlays", step_overlays),
     ("etc", step_etc),
     ("system", step_system),
+    ("gpus", step_gpus),
     ("udiImage", step_udiimage),
     ("siteFs", step_site_fs),
     ("user volumes", step_user_volumes),

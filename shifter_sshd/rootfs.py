@@ -26,6 +26,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from . import devfs
 from . import privileged as priv
 from . import syscalls as sc
 from .config import Config
@@ -239,28 +240,23 @@ def _image_dir_or_empty(tree: Tree, name: str) -> int:
         return priv.open_entry(tree.scratch, "empty")
 
 
-def mount_system(tree: Tree) -> None:
-    """proc, sys, dev with a new devpts instance, /dev/shm and /tmp."""
+def mount_system(tree: Tree, devices: list[devfs.Node], modes: dict[str, int]) -> None:
+    """proc, sys, a /dev of the container's own (``devfs``) with a new devpts instance,
+    /dev/shm, /tmp and /run."""
     no_exec = priv.NOSUID_NODEV | sc.MOUNT_ATTR_NOEXEC
     _attach_new(tree, tree.root, "proc", priv.new_mount("proc", {"source": "proc"}, no_exec))
     _attach_new(tree, tree.root, "sys", _clone_host("/sys", RO | sc.MOUNT_ATTR_NOEXEC, True))
-    tree.dev = _clone_host("/dev", sc.MOUNT_ATTR_NOSUID, False)
+    try:
+        tree.dev = devfs.make(devices, modes)
+    except OSError as err:
+        raise node_error("rootfs", f"cannot make the container's /dev ({err.strerror})",
+                         err.filename or "/dev") from None  # fmt: skip
     _attach_new(tree, tree.root, "dev", tree.dev, keep=True)
     # A private devpts: the container's ptys are not the host's, and a non-root sshd
     # can chown its pty to (uid, tty) only if the instance's gid is the tty group.
     options = {"source": "devpts", "gid": str(TTY_GID), "mode": "620", "ptmxmode": "0666"}
     devpts = priv.new_mount("devpts", options, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC)
-    _attach_existing(tree, tree.dev, "pts", devpts, keep=True)
-    try:
-        if stat.S_ISCHR(os.stat("ptmx", dir_fd=tree.dev, follow_symlinks=False).st_mode):
-            ptmx = priv.open_entry(devpts, "ptmx")  # a symlink to pts/ptmx needs nothing
-            try:
-                mount = priv.clone(ptmx, sc.MOUNT_ATTR_NOSUID, False)
-            finally:
-                os.close(ptmx)
-            _attach_existing(tree, tree.dev, "ptmx", mount)
-    finally:
-        os.close(devpts)
+    _attach_existing(tree, tree.dev, "pts", devpts)
     _attach_existing(tree, tree.dev, "shm", _tmpfs("1777"))
     _attach_new(tree, tree.root, "tmp", _tmpfs("1777"))
     tree.writable.add(_attach_new(tree, tree.root, "run", _tmpfs("0755")))

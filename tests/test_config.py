@@ -138,7 +138,8 @@ def test_a_file_with_every_key() -> None:
               "mountPropagationStyle": "private", "system": "lab", "siteFs": "/home:/home",
               "siteEnv": "A=1", "siteEnvAppend": "PATH=/x", "siteEnvPrepend": "PATH=/y",
               "siteEnvUnset": "B", "usersToImport": "nobody", "defaultModules": "m",
-              "killGrace": "3", "volumeTimeout": "5"}  # fmt: skip
+              "killGrace": "3", "volumeTimeout": "5", "gpuInjection": "module",
+              "gpuCdiDevice": "example.com/gpu=g{index}", "hostDevices": "fuse hfi1*"}  # fmt: skip
     lines = []
     for key, (field_name, _parser, _repeat) in config.KEYS.items():
         default = getattr(config.Config(), field_name)
@@ -158,6 +159,8 @@ def test_a_file_with_every_key() -> None:
               "module_m_copyPath=/x"]  # fmt: skip
     parsed = config.parse("\n".join(lines) + "\n", "every.conf")
     assert parsed.system == "lab" and parsed.module("m") is not None
+    assert (parsed.gpu_injection, parsed.cdi_spec_dirs) == ("module", ("/etc/shifter/cdiSpecDirs",))
+    assert parsed.host_devices == ("fuse", "hfi1*")
     assert len([w for w in parsed.warnings if " ignored: " in w]) == len(config.IGNORED_KEYS) + 3
 
 
