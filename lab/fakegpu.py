@@ -9,7 +9,9 @@ touched):
 - ``lib/libnvidia-ml.so.<version>`` (soname libnvidia-ml.so.1) and
   ``lib/libcuda.so.<version>`` (soname libcuda.so.1): tiny shared libraries.
 - ``bin/nvidia-smi``: links against libnvidia-ml.so.1 and, like ``nvidia-smi -L``,
-  lists the GPUs it can open, with the host device index in the UUID.
+  lists the GPUs it can open, with the host device index in the UUID; libcuda
+  answers cuInit, cuDeviceGetCount, cuDeviceGet and cuDeviceGetName the same way.
+  Both look in /dev, or in $FAKE_GPU_DEV (the fake nodes' directory, on the host).
 - ``cdi/fake-gpu.yaml`` (or .json): the spec ``nvidia-ctk cdi generate`` would write
   for them, with the libraries in /usr/local/nvidia/lib64, a folder the loader
   searches only through its cache, so a working nvidia-smi in a container proves
@@ -31,21 +33,50 @@ FAKE_RDEV = os.makedev(1, 7)
 NVML_C = """
 const char *fake_nvml_name(void) { return "Fake GPU"; }
 """
-CUDA_C = """
-int cuInit(unsigned int flags) { (void)flags; return 0; }
+# The CUDA driver API calls tests/gpu/check.sh makes, answered from the device nodes
+# this process can open: /dev, or $FAKE_GPU_DEV on the host.
+CUDA_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+static int opened[64], count = -1;
+static void scan(void) {
+    const char *dev = getenv("FAKE_GPU_DEV");
+    count = 0;
+    for (int i = 0; i < 64; i++) {
+        char path[512];
+        snprintf(path, sizeof path, "%s/nvidia%d", dev ? dev : "/dev", i);
+        int fd = open(path, O_RDWR);
+        if (fd >= 0) { close(fd); opened[count++] = i; }
+    }
+}
+int cuInit(unsigned int flags) { (void)flags; scan(); return 0; }
+int cuDeviceGetCount(int *n) { if (count < 0) return 3; *n = count; return 0; }
+int cuDeviceGet(int *device, int ordinal) {
+    if (ordinal < 0 || ordinal >= count) return 101;
+    *device = ordinal; return 0;
+}
+int cuDeviceGetName(char *name, int len, int device) {
+    if (device < 0 || device >= count) return 101;
+    snprintf(name, len, "Fake GPU %d", opened[device]); return 0;
+}
 """
 SMI_C = r"""
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <unistd.h>
 const char *fake_nvml_name(void);
 int main(void) {
     char host[256] = "";
     int found = 0;
+    const char *dev = getenv("FAKE_GPU_DEV");
     gethostname(host, sizeof host - 1);
     for (int i = 0; i < 64; i++) {
-        char path[64];
-        snprintf(path, sizeof path, "/dev/nvidia%d", i);
+        char path[512];
+        snprintf(path, sizeof path, "%s/nvidia%d", dev ? dev : "/dev", i);
         int fd = open(path, O_RDWR);
         if (fd < 0)
             continue;
@@ -73,6 +104,10 @@ def build(directory: str | Path, gpus: int = 4, spec_format: str = "yaml") -> Pa
         os.chmod(node, 0o666)
     _compile(top, "libnvidia-ml", NVML_C)
     _compile(top, "libcuda", CUDA_C)
+    for name in ("libnvidia-ml", "libcuda"):  # what the host's loader would find
+        link = top / "lib" / f"{name}.so.1"
+        if not link.is_symlink():
+            link.symlink_to(f"{name}.so.{VERSION}")
     smi = top / "src" / "nvidia-smi.c"
     smi.write_text(SMI_C)
     subprocess.run(["gcc", "-O1", "-o", str(top / "bin" / "nvidia-smi"), str(smi),

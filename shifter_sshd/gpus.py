@@ -291,12 +291,15 @@ def _soname_links(folder: int, libraries: list[tuple[str, str]]) -> None:
 
 
 def _replace_link(folder: int, name: str, target: str) -> None:
+    """``name`` -> ``target``, replacing a symlink there (the image's older driver's);
+    a file or directory there is left alone, as ldconfig leaves it."""
     try:
+        if not stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+            log.info(f"gpus: {name} exists and is not a symlink: left as it is")
+            return
         os.unlink(name, dir_fd=folder)
     except FileNotFoundError:
         pass
-    except IsADirectoryError:
-        raise node_error("gpus", "a link would replace a directory", name) from None
     priv.symlink(folder, name, target)
 
 

@@ -148,10 +148,6 @@ def _fake_host(top: Path) -> cdigen.Host:
     lib = top / "lib"
     entries = [ldcache.Entry(name.encode(), str(lib / name).encode(), ldcache.FLAG_X86_64_LIBC6)
                for name in ("libnvidia-ml.so.1", "libcuda.so.1")]  # fmt: skip
-    for name in ("libnvidia-ml", "libcuda"):
-        link = lib / f"{name}.so.1"
-        if not link.exists():
-            link.symlink_to(f"{name}.so.{fakegpu.VERSION}")
     (top / "ld.so.cache").write_bytes(ldcache.write(entries))
     return cdigen.Host(dev=str(top / "dev"), ld_cache=str(top / "ld.so.cache"),
                        bin_dirs=(str(top / "bin"),), firmware=str(top / "firmware"),
@@ -217,3 +213,17 @@ def test_a_generated_spec_serves_the_prolog(
     assert "libcuda.so\n" in inside.stdout  # the create-symlinks hook's link
     assert node.epilog("311").returncode == 0
     assert node.leftovers() == []
+
+
+def test_the_real_gpu_check_passes_on_fake_gpus(driver_dir: Path) -> None:
+    """tests/gpu/check.sh, pointed at lab.fakegpu: what it will do on a real GPU node."""
+    fakegpu.build(driver_dir, gpus=3)
+    env = {**os.environ, "GPU_CHECK_DEV": str(driver_dir / "dev"),
+           "GPU_CHECK_SMI": str(driver_dir / "bin" / "nvidia-smi"),
+           "GPU_CHECK_LIBS": str(driver_dir / "lib"), "GPU_CHECK_SPECS": str(driver_dir / "cdi"),
+           "GPU_CHECK_SMI_IN": "/usr/bin/nvidia-smi"}  # fmt: skip
+    script = Path(__file__).parent / "gpu" / "check.sh"
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("cuda devices: 3") == 2 and "gpu check: OK" in done.stdout
