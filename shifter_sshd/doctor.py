@@ -225,10 +225,25 @@ def installation() -> Found:
     return found
 
 
+def cdi_specs(config: Config) -> Found:
+    """Every CDI spec reads (GPU jobs' prologs would fail on a broken one)."""
+    from . import cdi
+
+    found: Found = []
+    if config.gpu_injection == "off":
+        return found
+    try:
+        cdi.registry(config.cdi_spec_dirs)
+    except ShifterError as err:
+        _problem(found, "cdi", str(err).removeprefix("shifter-sshd: "))
+    return found
+
+
 def run(config: Config, slurm_conf: str | None) -> Found:
     """Every check, in the order an admin would fix things."""
     found = [Finding("config", w, False) for w in config.warnings]
     found += config_paths(config) + kernel() + bundle(config) + port(config) + installation()
+    found += cdi_specs(config)
     if slurm_conf:
         from .doctor_slurm import slurm
 

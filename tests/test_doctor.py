@@ -44,7 +44,11 @@ def test_doctor_names_each_problem(node: Node, tmp_path: Path, secret_file: str)
     secret = tmp_path / "secret"
     secret.write_bytes(Path(secret_file).read_bytes())
     secret.chmod(0o644)  # readable by users: every job's keys could be forged
+    (tmp_path / "cdi").mkdir()
+    broken = "cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n- name: '0'\n  colour: red\n"
+    (tmp_path / "cdi" / "nvidia.yaml").write_text(broken)
     node.write_config(enableSshd="1", optUdiImage=str(tmp_path / "no-bundle"),
+                      cdiSpecDirs=str(tmp_path / "cdi"),
                       sshKeySecret=str(secret), imagePath=str(tmp_path / "no-images"),
                       siteFs=f"{tmp_path}/no-such-dir:/data", etcPath=str(tmp_path / "no-etc"),
                       usersToImport="no-such-user-xyz")  # fmt: skip
@@ -52,7 +56,8 @@ def test_doctor_names_each_problem(node: Node, tmp_path: Path, secret_file: str)
     problems = _problems(report)
     assert rc == 1 and report["ok"] is False
     assert set(problems) >= {"imagePath", "optUdiImage", "sshKeySecret", "siteFs", "etcPath",
-                             "usersToImport"}, problems  # fmt: skip
+                             "usersToImport", "cdi"}, problems  # fmt: skip
+    assert "unknown field in devices[0]: colour" in problems["cdi"]
     assert "no-such-dir" in problems["siteFs"] and "no-such-user-xyz" in problems["usersToImport"]
     text = run([CLI, "--config", node.config, "doctor"], dict(os.environ))
     lines = [line for line in text.stderr.splitlines() + text.stdout.splitlines()
