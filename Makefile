@@ -15,13 +15,13 @@ export SHIFTER_SSHD_VENV := $(VENV)
 APT_PACKAGES := python3 python3-venv python3-dev gcc make squashfs-tools squashfs-tools-ng \
 	debootstrap busybox-static openssh-server openssh-client slurm-wlm slurmctld slurmd \
 	munge libslurm-dev iproute2 util-linux psmisc procps zstd xz-utils openmpi-bin mpich \
-	libopenmpi-dev libmpich-dev
+	libopenmpi-dev libmpich-dev skopeo docker-registry apache2-utils
 
 .PHONY: demo test setup lint typecheck pytest bench clean-lab
 
 # The commands start Python isolated (-I): a user's PYTHONHOME, PYTHONPATH or user
 # site-packages can neither break nor hijack shifter, nor the plugin's checks.
-SCRIPTS := shifter shifter-sshd shifter-sshd-prolog shifter-sshd-epilog
+SCRIPTS := shifter shifterimg shifter-sshd shifter-sshd-prolog shifter-sshd-epilog
 
 setup: $(VENV)/.installed
 	@$(PY) -m pip install -q --no-deps --no-build-isolation . >/dev/null

@@ -77,9 +77,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_image_import(args: argparse.Namespace) -> int:
     from . import image
 
-    store = image.Store.from_config(_config(args))
+    config = _config(args)
+    store = image.Store.from_config(config)
     meta = image.parse_metadata_args(args.env, args.entrypoint, args.workdir)
-    record = store.import_image(args.source, args.name, meta)
+    from . import oci
+
+    if oci.is_image_archive(args.source):  # OCI layout, docker save: its own config
+        from . import pull
+
+        record = pull.import_archive(config, args.source, args.name, meta)
+    else:
+        record = store.import_image(args.source, args.name, meta)
     print(record.id)
     return EXIT_OK
 
@@ -90,6 +98,36 @@ def cmd_image_list(args: argparse.Namespace) -> int:
     store = image.Store.from_config(_config(args))
     for name, record in store.list():
         print(f"{name}\t{record.id}\t{record.size}\t{record.created}")
+        if args.long:
+            meta = record.metadata
+            details = {"digest": record.digest, "workdir": meta.workdir or "",
+                       "command": " ".join(meta.command) or meta.entrypoint or "",
+                       "user": meta.user or ""}  # fmt: skip
+            for key, value in [*details.items(), *(("label " + k, v) for k, v in meta.labels)]:
+                if value:
+                    print(f"    {key}: {value}")
+    return EXIT_OK
+
+
+def cmd_image_pull(args: argparse.Namespace) -> int:
+    from . import pull
+
+    record, downloaded = pull.pull(_config(args), args.name)
+    if not downloaded:
+        print(f"{args.name}: up to date", file=sys.stderr)
+    print(record.id)
+    return EXIT_OK
+
+
+def cmd_image_gc(args: argparse.Namespace) -> int:
+    from . import image
+    from .state import StateStore
+
+    config = _config(args)
+    store = StateStore(config.state_path)
+    in_use = {s.image_id for job in store.job_ids() if (s := store.load(job)) and s.image_id}
+    for image_id in image.Store.from_config(config).gc(in_use):
+        print(f"removed {image_id}")
     return EXIT_OK
 
 
@@ -235,14 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     sta.set_defaults(func=cmd_status)
 
     img = sub.add_parser("image", help="the image store").add_subparsers(dest="sub", required=True)
-    imp = img.add_parser("import", help="import a directory, tar archive or squashfs file")
+    imp = img.add_parser("import", help="import a directory, tar archive, squashfs file, OCI "
+                         "layout or docker save archive")  # fmt: skip
     imp.add_argument("source")
     imp.add_argument("name", help="type:tag, e.g. docker:ubuntu:22.04")
     imp.add_argument("--env", action="append", default=[], help="NAME=value (repeatable)")
     imp.add_argument("--entrypoint", default=None)
     imp.add_argument("--workdir", default=None)
     imp.set_defaults(func=cmd_image_import)
-    img.add_parser("list", help="list images").set_defaults(func=cmd_image_list)
+    lst = img.add_parser("list", help="list images")
+    lst.add_argument("--long", action="store_true", help="digest, workdir, command, user, labels")
+    lst.set_defaults(func=cmd_image_list)
+    pul = img.add_parser("pull", help="pull an image from a registry (docker:NAME[:TAG])")
+    pul.add_argument("name")
+    pul.set_defaults(func=cmd_image_pull)
+    img.add_parser("gc", help="remove image data no name and no container here uses"
+                   ).set_defaults(func=cmd_image_gc)  # fmt: skip
     look = img.add_parser("lookup", help="print an image's id")
     look.add_argument("name")
     look.set_defaults(func=cmd_image_lookup)

@@ -74,6 +74,11 @@ class Config:
     cdi_spec_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")
     gpu_cdi_device: str = "nvidia.com/gpu={index}"
     host_devices: tuple[str, ...] = ("fuse", "infiniband", "knem", "xpmem", "hfi1*", "cxi*")
+    default_registry: str = "docker.io"
+    registry_mirrors: tuple[tuple[str, str], ...] = ()
+    insecure_registries: tuple[str, ...] = ()
+    registry_auth_file: str | None = None
+    keep_device_nodes: bool = False
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def module(self, name: str) -> Module | None:
@@ -124,6 +129,11 @@ KEYS: dict[str, tuple[str, Parser, bool]] = {
     "cdiSpecDirs": ("cdi_spec_dirs", v.paths, True),
     "gpuCdiDevice": ("gpu_cdi_device", v.cdi_device, False),
     "hostDevices": ("host_devices", v.globs, True),
+    "defaultRegistry": ("default_registry", v.word(), False),
+    "registryMirrors": ("registry_mirrors", v.host_pairs, True),
+    "insecureRegistries": ("insecure_registries", v.hosts, True),
+    "registryAuthFile": ("registry_auth_file", v.optional_path, False),
+    "keepDeviceNodes": ("keep_device_nodes", v.boolean, False),
 }
 
 # module_<name>_<key>: key -> (Module field, parser)

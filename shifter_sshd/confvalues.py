@@ -94,6 +94,29 @@ def globs(where: str, key: str, value: str) -> tuple[str, ...]:
     return found
 
 
+_HOST = re.compile(r"^[A-Za-z0-9.-]+(?::[0-9]{1,5})?$")
+
+
+def hosts(where: str, key: str, value: str) -> tuple[str, ...]:
+    """Registry addresses, ``host`` or ``host:port``."""
+    found = tuple(value.replace(",", " ").split())
+    for host in found:
+        if not _HOST.match(host):
+            raise node_error(where, f"{key} has an invalid host[:port]", host)
+    return found
+
+
+def host_pairs(where: str, key: str, value: str) -> tuple[tuple[str, str], ...]:
+    """``registry=mirror`` pairs (each a host[:port])."""
+    pairs = []
+    for item in value.replace(",", " ").split():
+        registry, sep, mirror = item.partition("=")
+        if not sep or not _HOST.match(registry) or not _HOST.match(mirror):
+            raise node_error(where, f"{key} entries are registry=mirror (host[:port])", item)
+        pairs.append((registry, mirror))
+    return tuple(pairs)
+
+
 def cdi_device(where: str, key: str, value: str) -> str:
     """``vendor/class=name``, where ``{index}`` stands for Slurm's GPU index."""
     kind, sep, name = value.partition("=")

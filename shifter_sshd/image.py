@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .errors import ShifterError, node_error, usage_error, user_error
+from .oci import COMPRESSED_TAR
 
 TYPE_CHECKING = False  # importing typing costs every prolog ~3 ms; mypy knows this name
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/@+-]*$")
 _ID = re.compile(r"^[0-9a-f]{64}$")
 SQUASHFS_MAGIC = b"hsqs"
-# First bytes of the tar compressions tar2sqfs reads, for a clear error otherwise.
-_COMPRESSED_TAR = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"BZh")
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,22 @@ class ImageName:
 @dataclass(frozen=True)
 class Metadata:
     env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ENV))
-    entrypoint: str | None = None
+    entrypoint: str | None = None  # a shell command (image import --entrypoint)
     workdir: str | None = None
+    command: tuple[str, ...] = ()  # ENTRYPOINT + CMD of a pulled image, as argv
+    user: str | None = None  # the image's USER: recorded, not used (jobs run as their owner)
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, object]) -> Metadata:
+        """Stored metadata of any version: the fields this one knows."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        for name in ("command", "labels"):
+            items = values.get(name)
+            if isinstance(items, list):
+                values[name] = tuple(tuple(i) if isinstance(i, list) else i for i in items)
+        return cls(**values)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,7 @@ class Record:
     size: int
     created: str
     metadata: Metadata
+    digest: str = ""  # the registry manifest's, for pulled images
 
 
 def parse_name(text: str, default_type: str = "docker") -> ImageName:
@@ -154,8 +168,8 @@ class Store:
             raise user_error("image", "image no longer in the store", label) from None
         except (OSError, ValueError) as err:
             raise node_error("image store", f"unreadable image ({err})", image_id) from None
-        meta = Metadata(**raw.get("metadata", {}))
-        return Record(image_id, path, size, raw.get("created", ""), meta)
+        meta = Metadata.from_raw(raw.get("metadata", {}))
+        return Record(image_id, path, size, raw.get("created", ""), meta, raw.get("digest", ""))
 
     def list(self) -> Iterator[tuple[str, Record]]:
         if not os.path.isdir(self.names):
@@ -186,6 +200,61 @@ class Store:
                 _write_atomic(self._name_path(parsed), json.dumps({"id": image_id}) + "\n")
         return self.get(image_id, name=str(parsed))
 
+    def add_squashfs(self, partial: str, metadata: Metadata, names: tuple[str, ...], source: str,
+                     digest: str) -> Record:  # fmt: skip
+        """A squashfs built elsewhere in this store (``pull``), under ``names``."""
+        parsed = [parse_name(n, self.default_type) for n in names]
+        image_id = _image_id(_sha256(partial), metadata)
+        with self._locked():
+            self._commit(partial, image_id, metadata, source, digest)
+            for name in parsed:
+                _write_atomic(self._name_path(name), json.dumps({"id": image_id}) + "\n")
+        return self.get(image_id, name=names[0] if names else None)
+
+    def by_digest(self, digest: str) -> Record | None:
+        """The stored image pulled from the manifest ``digest``, if any."""
+        try:
+            with open(self._digest_path(digest), encoding="utf-8") as handle:
+                return self.get(json.load(handle)["id"])
+        except (OSError, ValueError, KeyError, ShifterError):
+            return None
+
+    def name(self, name: str, image_id: str) -> None:
+        """Point ``name`` at a stored image."""
+        parsed = parse_name(name, self.default_type)
+        self.get(image_id)
+        with self._locked():
+            _write_atomic(self._name_path(parsed), json.dumps({"id": image_id}) + "\n")
+
+    def gc(self, in_use: set[str], max_age: float = 86400.0) -> tuple[str, ...]:
+        """Remove the data no name and no container on this node (``in_use``) uses, and
+        what pulls or imports killed mid-way left behind; the ids removed."""
+        import shutil
+        import time
+
+        removed = []
+        with self._locked():
+            keep = {record.id for _name, record in self.list()} | in_use
+            for entry in sorted(os.listdir(self.data)) if os.path.isdir(self.data) else []:
+                image_id = entry.split(".", 1)[0]
+                if _ID.match(image_id) and image_id not in keep:
+                    os.unlink(os.path.join(self.data, entry))
+                    if entry.endswith(".sqsh"):
+                        removed.append(image_id)
+            digests = os.path.join(self.root, "digests")
+            for entry in os.listdir(digests) if os.path.isdir(digests) else []:
+                path = os.path.join(digests, entry)
+                with open(path, encoding="utf-8") as handle:
+                    target = json.load(handle).get("id", "")
+                if not os.path.exists(os.path.join(self.data, f"{target}.sqsh")):
+                    os.unlink(path)
+            for entry in os.listdir(self.root):  # a pull or import killed mid-way
+                path = os.path.join(self.root, entry)
+                if entry.startswith((".pull-", ".import-")) and os.path.isdir(path) \
+                        and time.time() - os.stat(path).st_mtime > max_age:  # fmt: skip
+                    shutil.rmtree(path, ignore_errors=True)
+        return tuple(removed)
+
     def remove(self, name: str) -> None:
         parsed = parse_name(name, self.default_type)
         record = self.lookup(name)
@@ -197,20 +266,28 @@ class Store:
                 os.unlink(record.path)
                 os.unlink(os.path.join(self.data, f"{record.id}.json"))
 
-    def _commit(self, partial: str, image_id: str, metadata: Metadata, source: str) -> None:
+    def _commit(self, partial: str, image_id: str, metadata: Metadata, source: str,
+                digest: str = "") -> None:  # fmt: skip
         final = os.path.join(self.data, f"{image_id}.sqsh")
         import time
 
         meta = {
             "id": image_id,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": os.path.abspath(source),
+            "source": source if digest else os.path.abspath(source),
+            "digest": digest,
             "metadata": dataclasses.asdict(metadata),
         }
         os.chmod(partial, 0o644)
         if not os.path.exists(final):
             os.rename(partial, final)
         _write_atomic(os.path.join(self.data, f"{image_id}.json"), json.dumps(meta, indent=1))
+        if digest:
+            os.makedirs(os.path.dirname(self._digest_path(digest)), mode=0o755, exist_ok=True)
+            _write_atomic(self._digest_path(digest), json.dumps({"id": image_id}) + "\n")
+
+    def _digest_path(self, digest: str) -> str:
+        return os.path.join(self.root, "digests", digest.replace(":", "-"))
 
     def _name_path(self, name: ImageName) -> str:
         return os.path.join(self.names, name.type, _quote(name.tag))
@@ -249,8 +326,6 @@ def _to_squashfs(source: str, output: str) -> None:
     import shutil
 
     if os.path.isdir(source):
-        if _is_image_layout(set(os.listdir(source))):
-            raise usage_error("image import", IMAGE_ARCHIVE, source)
         _run(["mksquashfs", source, output, "-noappend", "-comp", "zstd", "-quiet",
               "-no-progress", "-mkfs-time", "0", "-reproducible"], source)  # fmt: skip
         return
@@ -259,43 +334,13 @@ def _to_squashfs(source: str, output: str) -> None:
     if head.startswith(SQUASHFS_MAGIC):
         shutil.copyfile(source, output)
         _run(["unsquashfs", "-s", output], source)  # refuses a corrupt superblock
-    elif head.startswith(_COMPRESSED_TAR) or head[257:262] == b"ustar":
-        if _is_image_layout(_first_members(source)):
-            raise usage_error("image import", IMAGE_ARCHIVE, source)
+    elif head.startswith(COMPRESSED_TAR) or head[257:262] == b"ustar":
         # tar2sqfs never extracts: hostile members (../, symlinked parents) touch no disk.
         with open(source, "rb") as stdin:
             _run(["tar2sqfs", "--quiet", "--no-skip", "--compressor", "zstd", "--force",
                   output], source, stdin=stdin)  # fmt: skip
     else:
         raise usage_error("image import", "not a directory, tar archive or squashfs", source)
-
-
-IMAGE_ARCHIVE = (
-    "an image archive (docker save, or an OCI layout), not a root filesystem: import what "
-    "docker export writes, or pull the image (shifter-sshd image pull)"
-)
-
-
-def _is_image_layout(names: set[str]) -> bool:
-    """``docker save`` (manifest.json and layer tars) or an OCI layout (oci-layout, blobs/)."""
-    return "oci-layout" in names or ("manifest.json" in names and "etc" not in names) or (
-        "index.json" in names and "blobs" in names)  # fmt: skip
-
-
-def _first_members(path: str, count: int = 64) -> set[str]:
-    """The top-level names among the first members of a (compressed) tar archive."""
-    import tarfile
-
-    names: set[str] = set()
-    try:
-        with tarfile.open(path, mode="r|*") as archive:
-            for number, member in enumerate(archive):
-                names.add(member.name.lstrip("./").split("/", 1)[0])
-                if number >= count:
-                    break
-    except (tarfile.TarError, OSError, EOFError):
-        return set()  # tar2sqfs will say what is wrong with it
-    return names
 
 
 def _run(argv: list[str], source: str, stdin: object = None) -> None:

@@ -372,7 +372,7 @@ def step_publish(s: Setup) -> None:
         "image": s.job.image or "", "image_id": s.image.id,
         "volumes": s.job.volumes, "modules": list(s.job.modules),
         "env": s.env,
-        "workdir": meta.workdir, "entrypoint": meta.entrypoint,
+        "workdir": meta.workdir, "entrypoint": meta.entrypoint, "command": list(meta.command),
         "sshd_port": s.config.sshd_port if s.key_set is not None else 0,
         "userns": [s.state.userns_pid, s.state.userns_start_time],
     }, s.user.uid)  # fmt: skip

@@ -71,6 +71,15 @@ class Container:
         self.image_id = _text(raw, "image_id")
         self.volumes = _text(raw, "volumes")
         self.workdir = str(raw.get("workdir") or "")
+        # The image's ENTRYPOINT + CMD (a pulled image), or import's --entrypoint (a shell
+        # command): what ``shifter`` runs when given no command. Absent before 0.4.
+        command = raw.get("command") or []
+        entrypoint = raw.get("entrypoint")
+        if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
+            raise _malformed("command")
+        if not command and isinstance(entrypoint, str) and entrypoint:
+            command = ["/bin/sh", "-c", entrypoint]
+        self.command: list[str] = command
         self.sshd_port = _number(raw, "sshd_port")
         holder = raw.get("userns") or [0, 0]  # absent in descriptions of earlier versions
         if not (isinstance(holder, list) and len(holder) == 2
@@ -166,8 +175,6 @@ def parse_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
                 raise ShifterError("usage", "option needs a value", name)
             value, index = args[index], index + 1
         options[name[2:]] = value
-    if index >= len(args):
-        raise ShifterError("usage", "no command given", USAGE.strip())
     return options, args[index:]
 
 
@@ -291,6 +298,11 @@ def run(args: list[str]) -> int:
     options, command = parse_args(split_shebang(args))
     container = load_container(os.environ)
     check_request(container, options, os.getuid())
+    if not command:  # the image's own command, as Shifter's --entrypoint
+        if not container.command:
+            raise ShifterError("usage", "no command given, and the image has none",
+                               USAGE.strip())  # fmt: skip
+        command = list(container.command)
     from . import enter
 
     plan = enter.plan(container, command, job_environment(container, os.environ))

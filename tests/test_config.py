@@ -139,7 +139,10 @@ def test_a_file_with_every_key() -> None:
               "siteEnv": "A=1", "siteEnvAppend": "PATH=/x", "siteEnvPrepend": "PATH=/y",
               "siteEnvUnset": "B", "usersToImport": "nobody", "defaultModules": "m",
               "killGrace": "3", "volumeTimeout": "5", "gpuInjection": "module",
-              "gpuCdiDevice": "example.com/gpu=g{index}", "hostDevices": "fuse hfi1*"}  # fmt: skip
+              "gpuCdiDevice": "example.com/gpu=g{index}", "hostDevices": "fuse hfi1*",
+              "defaultRegistry": "registry.example:5000",
+              "registryMirrors": "docker.io=mirror.example:5000",
+              "insecureRegistries": "localhost:5000"}  # fmt: skip
     lines = []
     for key, (field_name, _parser, _repeat) in config.KEYS.items():
         default = getattr(config.Config(), field_name)
@@ -161,6 +164,7 @@ def test_a_file_with_every_key() -> None:
     assert parsed.system == "lab" and parsed.module("m") is not None
     assert (parsed.gpu_injection, parsed.cdi_spec_dirs) == ("module", ("/etc/shifter/cdiSpecDirs",))
     assert parsed.host_devices == ("fuse", "hfi1*")
+    assert parsed.registry_mirrors == (("docker.io", "mirror.example:5000"),)
     assert len([w for w in parsed.warnings if " ignored: " in w]) == len(config.IGNORED_KEYS) + 3
 
 

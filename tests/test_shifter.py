@@ -257,7 +257,8 @@ def test_errors(job: Job, test_users: list[LabUser]) -> None:
         "another volume": (job.shifter("--volume=/tmp:/data", "true"),
                            f"shifter: --volume: this job's volumes are '{job.shared}:/data:ro'; "
                            "others need their own job (for now): /tmp:/data\n"),
-        "no command": (job.shifter(), "shifter: usage: no command given: usage: shifter "
+        "no command": (job.shifter(), "shifter: usage: no command given, and the image has "
+                       "none: usage: shifter "
                        "[--image=NAME] [--volume=SPEC] [--] CMD [ARGS...]\n"),
         "bad option": (job.shifter("--imgae=x", "true"),
                        "shifter: usage: unknown option: --imgae=x\n"),
