@@ -201,7 +201,7 @@ def squashfs_layout(squashfs: Path, config: dict[str, object]) -> Path:
     work = Path(tempfile.mkdtemp(dir=CACHE, prefix=".oci-"))
     try:
         with open(work / "layer.tar.gz", "wb") as out:
-            tar = subprocess.Popen(["sqfs2tar", "--quiet", str(squashfs)], stdout=subprocess.PIPE)
+            tar = subprocess.Popen(["sqfs2tar", str(squashfs)], stdout=subprocess.PIPE)
             subprocess.run(["gzip", "-1", "-n"], stdin=tar.stdout, stdout=out, check=True)
             if tar.wait() != 0:
                 raise RuntimeError(f"sqfs2tar {squashfs} failed")

@@ -295,3 +295,30 @@ def _output_so_far(cluster: Cluster, job: int) -> str:
         return cluster.output(job)
     except FileNotFoundError:
         return ""
+
+
+def test_a_pulled_image_runs_mpirun(cluster: Cluster, site: Site, shared_dir: Path) -> None:
+    """``image pull`` from a registry (the lab's docker-registry, seeded with the Debian +
+    Open MPI image), then ``sbatch --image=`` with the pulled name: mpirun across nodes."""
+    from lab import images, registry
+
+    layout = registry.squashfs_layout(images.debian_squashfs("openmpi"), {
+        "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "PULLED=yes"]})  # fmt: skip
+    served = registry.Registry(shared_dir / "registry").start()
+    try:
+        served.push(layout, "lab/debian-openmpi", "latest")
+        with open(site.config, "a") as config:
+            config.write(f"insecureRegistries={served.address}\n")
+        name = f"docker:{served.address}/lab/debian-openmpi:latest"
+        pulled = site.cli("image", "pull", name)
+        assert pulled.returncode == 0, pulled.stderr
+    finally:
+        served.stop()
+    script = "shifter /bin/sh -c 'echo pulled=$PULLED; mpirun -np 6 /usr/local/bin/mpi_hello'\n"
+    args = ["-N3", "--exclusive", "--ntasks-per-node=2", f"--image={name}"]
+    state, output = run_job(cluster, script, args)
+    assert state == "COMPLETED", output
+    assert "pulled=yes" in output
+    ranks = re.findall(r"^rank (\d) of 6 on (node\d): (.*)$", output, re.M)
+    assert {host for _r, host, _p in ranks} == {"node1", "node2", "node3"} and len(ranks) == 6
+    assert {pretty.strip() for _r, _h, pretty in ranks} == {DEBIAN}
