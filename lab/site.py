@@ -17,7 +17,7 @@ from pathlib import Path
 
 from shifter_sshd import spank
 
-from . import VENV, images
+from . import VENV, images, slurmroots
 from .machine import BOOT_ID
 from .vcluster import SHIFTER_PRIVATE_DIRS, Cluster
 
@@ -46,8 +46,21 @@ class Site:
 
     @property
     def plugstack(self) -> str:
-        return (f"required {self.plugin} shifter_sshd={SHIFTER_SSHD} config={self.config} "
+        return self.plugstack_for(self.plugin)
+
+    def plugstack_for(self, plugin: str) -> str:
+        return (f"required {plugin} shifter_sshd={SHIFTER_SSHD} config={self.config} "
                 f"state_path={STATE}")  # fmt: skip
+
+    def plugin_for(self, version: str) -> str:
+        """The SPANK plugin built against that Slurm version's own headers."""
+        root = slurmroots.root(version)
+        if root is None:
+            return self.plugin
+        target = f"{self.directory}/shifter_sshd_spank-{version}.so"
+        if not os.path.exists(target):
+            spank.build(target, os.path.join(root, "usr", "include"))
+        return target
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([SHIFTER_SSHD, "--config", self.config, *args],
@@ -62,16 +75,19 @@ class Site:
         return self.image_ids[name]
 
     def cluster(self, nodes: int = 3, epilog: bool = True, gpus: int = 0, gpu_files: str = "",
-                **slurm: str) -> Cluster:  # fmt: skip
-        """A cluster (not yet up) running this site's prolog, epilog and plugin;
-        ``slurm`` passes Cluster's settings (proctrack, prolog_flags)."""
+                version: str | None = None, **slurm: str) -> Cluster:  # fmt: skip
+        """A cluster (not yet up) running this site's prolog, epilog and plugin, on Slurm
+        ``version`` ($SHIFTER_SSHD_LAB_SLURM by default); ``slurm`` passes Cluster's
+        settings (proctrack, prolog_flags)."""
+        chosen = slurmroots.selected(version)
         return Cluster(
             nodes=nodes,
             gpus=gpus,
             gpu_files=gpu_files,
+            slurm=chosen,
             prolog=f"{self.directory}/prolog.sh",
             epilog=f"{self.directory}/epilog.sh" if epilog else None,
-            plugstack=[self.plugstack],
+            plugstack=[self.plugstack_for(self.plugin_for(chosen))],
             private_dirs=SHIFTER_PRIVATE_DIRS,
             **slurm,
         )

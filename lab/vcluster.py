@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
-from . import VENV
+from . import VENV, slurmroots
 from .labstate import LAB_ROOT, LabError, Teardown, allocate, cleanup_stale
 from .machine import Machine, die_with_parent, make_bridge, plug, setup_script
 from .slurmconf import (
@@ -64,8 +64,11 @@ class Cluster:
         prolog_flags: str = "Alloc,Contain,DeferBatch",
         gpus: int = 0,
         gpu_files: str = "",
+        slurm: str | None = None,
     ) -> None:
         self.gpus, self.gpu_files = gpus, gpu_files
+        self.slurm = slurmroots.selected(slurm)  # the version; $SHIFTER_SSHD_LAB_SLURM
+        self.slurm_root: str | None = None  # its Debian root; None: the host's Slurm
         self.proctrack = proctrack
         self.prolog_flags = prolog_flags
         self.node_count = nodes
@@ -84,6 +87,7 @@ class Cluster:
         start = time.monotonic()
         ensure_users()
         cleanup_stale()
+        self.slurm_root = slurmroots.root(self.slurm)
         index, root = allocate()
         subnet = f"10.77.{index}"
         layout = Layout(root, subnet, self.node_count, self.prolog, self.epilog, self.plugstack,
@@ -194,6 +198,9 @@ class Cluster:
                 (layout.path("resolv.conf"), "/etc/resolv.conf"),
             ]
             script = setup_script(name, etc, layout.addr(name), layout.addr("host"), private)
+            if self.slurm_root:
+                binds = tuple(p for p in private if not p.startswith("/run/"))
+                script += slurmroots.machine_script(self.slurm_root, binds)
             self._checked([*machine.enter(), "sh", "-c", script], f"set up {name}")
         self._teardown.daemons.append(
             self._daemon(machines[CTL_NAME], ["slurmctld", "-D", "-i"], CTL_NAME)
@@ -207,7 +214,7 @@ class Cluster:
         log = open(self.layout.path(name, "stderr.log"), "ab")  # noqa: SIM115
         with log:
             return subprocess.Popen(
-                [*machine.enter(), *argv, "-f", self.conf],
+                [*machine.enter(), *self._chroot(), *argv, "-f", self.conf],
                 stdout=log,
                 stderr=log,
                 env=self._env(None),
@@ -277,8 +284,13 @@ class Cluster:
         """Run argv inside a node's namespaces (as root, or as ``user``)."""
         machine = self._machine(node)
         return self._run(
-            machine.enter() + self._as_user(user, argv), user, env, timeout, check, input
-        )
+            [*machine.enter(), *self._chroot(), *self._as_user(user, argv)], user, env, timeout,
+            check, input,
+        )  # fmt: skip
+
+    def _chroot(self) -> list[str]:
+        """Into the version's root, where its Slurm runs (nothing for the host's)."""
+        return ["chroot", slurmroots.MACHINE_ROOT] if self.slurm_root else []
 
     def client(
         self,
@@ -288,8 +300,12 @@ class Cluster:
         timeout: float = 60,
         check: bool = True,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a Slurm client command (sbatch, scontrol...) on the host, the login node."""
-        return self._run(self._as_user(user, argv), user, env, timeout, check, None)
+        """Run a Slurm client command (sbatch, scontrol...) on the login node: the host, or
+        for another Slurm version the controller's machine, in that version's root."""
+        if self.slurm_root is None:
+            return self._run(self._as_user(user, argv), user, env, timeout, check, None)
+        login = [*self._machine(CTL_NAME).enter(), *self._chroot(), "env", "-C", self.out_dir]
+        return self._run([*login, *self._as_user(user, argv)], user, env, timeout, check, None)
 
     def _run(
         self,

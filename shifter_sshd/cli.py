@@ -227,7 +227,7 @@ def cmd_secret_init(args: argparse.Namespace) -> int:
 def cmd_spank_build(args: argparse.Namespace) -> int:
     from . import spank
 
-    output = spank.build(args.output)
+    output = spank.build(args.output, args.include or spank.INCLUDE)
     print(output)
     return EXIT_OK
 
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     spk = sub.add_parser("spank", help="the SPANK plugin").add_subparsers(dest="sub", required=True)
     sbl = spk.add_parser("build", help="compile the SPANK plugin against Slurm's headers")
     sbl.add_argument("--output", default=None)
+    sbl.add_argument("--include", default=None, help="the directory holding slurm/spank.h "
+                     "of the Slurm it will run under (default /usr/include)")  # fmt: skip
     sbl.set_defaults(func=cmd_spank_build)
     return parser
 

@@ -15,19 +15,21 @@ from .errors import node_error
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spank", "shifter_sshd_spank.c")
 DEFAULT_OUTPUT = "/usr/local/lib/shifter-sshd/shifter_sshd_spank.so"
-SLURM_HEADER = "/usr/include/slurm/spank.h"
+INCLUDE = "/usr/include"  # where slurm/spank.h is: the Slurm the plugin will run under
 CFLAGS = ("-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-std=gnu11")
 
 
-def build(output: str | None = None) -> str:
-    """Compile the plugin to ``output`` (default DEFAULT_OUTPUT); return its path.
+def build(output: str | None = None, include: str = INCLUDE) -> str:
+    """Compile the plugin to ``output`` (default DEFAULT_OUTPUT) against the Slurm headers
+    under ``include`` (another Slurm version's, say); return its path.
 
     The new file replaces the old one by rename: a daemon that has the old plugin
     loaded keeps its mapping instead of crashing on a file rewritten under it.
     """
     target = os.path.abspath(output or DEFAULT_OUTPUT)
-    if not os.path.exists(SLURM_HEADER):
-        raise node_error("spank build", "Slurm's headers are missing (libslurm-dev)", SLURM_HEADER)
+    header = os.path.join(include, "slurm", "spank.h")
+    if not os.path.exists(header):
+        raise node_error("spank build", "Slurm's headers are missing (libslurm-dev)", header)
     if not os.path.exists(SOURCE):
         raise node_error("spank build", "plugin source not installed with the package", SOURCE)
     gcc = shutil.which("gcc")
@@ -41,7 +43,7 @@ def build(output: str | None = None) -> str:
             "spank build", f"cannot create the directory ({err.strerror})", directory
         ) from None
     partial = f"{target}.tmp{os.getpid()}"
-    argv = [gcc, *CFLAGS, "-o", partial, SOURCE]
+    argv = [gcc, *CFLAGS, f"-I{include}", "-o", partial, SOURCE]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         _remove(partial)
