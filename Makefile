@@ -53,13 +53,21 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+# Every test once on Debian 12's Slurm 22.05, then the cluster tests again on 24.11 and
+# 26.05 (lab/slurmroots.py: a Debian root each, built once into the cache, ~45 s).
+OTHER_SLURM := 24.11 26.05
+
 pytest: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	SHIFTER_SSHD_LAB_SLURM=22.05 $(PY) -m pytest $(PYTEST_ARGS)
+	@for version in $(OTHER_SLURM); do \
+		echo "== the cluster tests on Slurm $$version"; \
+		SHIFTER_SSHD_LAB_SLURM=$$version $(PY) -m pytest -m cluster $(PYTEST_ARGS) || exit 1; \
+	done
 
 test: lint typecheck pytest
 
 demo: setup
-	$(PY) -m lab.demo
+	SHIFTER_SSHD_LAB_SLURM=$${SHIFTER_SSHD_LAB_SLURM:-26.05} $(PY) -m lab.demo
 
 bench: setup
 	$(PY) -m benchmarks.run

@@ -38,7 +38,9 @@ def main() -> int:
     site = make_site(with_mpich=False)
     try:
         with site.cluster(nodes=3) as cluster:
-            say(f"3-node Slurm cluster up in {cluster.up_seconds:.1f} s: {cluster.nodes}")
+            version = cluster.client(["sinfo", "--version"]).stdout.strip()
+            say(f"3-node Slurm cluster up in {cluster.up_seconds:.1f} s: {cluster.nodes}, "
+                f"{version} ($SHIFTER_SSHD_LAB_SLURM picks 22.05, 24.11 or 26.05)")  # fmt: skip
             args = ["-N3", "--exclusive", "--ntasks-per-node=2", f"--image={OPENMPI}"]
             say(f"as sstest1: sbatch {' '.join(args)} job.sh")
             print(JOB)

@@ -38,6 +38,7 @@ class Layout:
     memory_mb: int = 8192  # RealMemory of each node: a limit, not a promise
     gpus: int = 0  # gres gpu per node (lab.fakegpu's device nodes)
     gpu_files: str = ""  # gres.conf File=, e.g. /var/tmp/x/dev/nvidia[0-3]
+    slurm: str = "22.05"  # the version the daemons run (lab.slurmroots)
 
     @property
     def index(self) -> int:
@@ -144,9 +145,10 @@ def cgroup_conf(layout: Layout) -> str:
     """cgroup.conf: this machine's cgroup v1 hierarchies, mounted already (not by Slurm)."""
     if layout.proctrack != "cgroup":
         return "# proctrack/linuxproc: no cgroups\n"
+    automount = ["CgroupAutomount=no"] if layout.slurm == "22.05" else []  # defunct since 23.x
     return "\n".join([
         "CgroupPlugin=cgroup/v1",
-        "CgroupAutomount=no",
+        *automount,
         "ConstrainCores=yes",
         "ConstrainRAMSpace=yes",
         "ConstrainSwapSpace=no",

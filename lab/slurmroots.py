@@ -2,11 +2,12 @@
 (sid) from a Debian root each, cached outside the checkout.
 
 A version root holds that release's Slurm daemons, client commands, munge tools and
-development headers (debootstrap minbase, about 30 s and 300 MB each, once). The
-lab's machines run Slurm chrooted into it (``MACHINE_ROOT`` in each machine's own
-mount namespace), with the host's paths the jobs need bound in: /proc, /sys, /dev,
-/run, /tmp, /var/tmp, /home, the users, the project's venv and the Python it runs
-on. Nothing is mounted on the host.
+development headers (debootstrap minbase, about 30 s and 300 MB each, once). Each
+lab machine makes it its root (pivot_root in its own mount namespace), with the
+host's paths the jobs need bound in: /proc, /sys, /dev, /run, /tmp, /var/tmp,
+/home, the users, the project's venv and the Python it runs on. pivot_root, not
+chroot: a chrooted process may not create a user namespace, which ``shifter``
+does. Nothing is mounted on the host.
 
 ``SHIFTER_SSHD_LAB_SLURM=22.05|24.11|26.05`` (or ``Cluster(slurm=...)``) selects one.
 """
@@ -29,8 +30,9 @@ VERSIONS = (HOST_VERSION, *SUITES)
 NEWEST = "26.05"
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ("slurmd", "slurmctld", "slurm-client", "munge", "libslurm-dev", "procps",
-            "psmisc", "libexpat1", "libffi8", "zlib1g")  # fmt: skip
-# Where a machine sees its version root (a tmpfs over /mnt in its own namespace).
+            "psmisc", "openssh-client", "libexpat1", "libffi8", "zlib1g")  # fmt: skip
+# Where a machine assembles its version root before pivoting into it (a tmpfs over
+# /mnt, in its own namespace).
 MACHINE_ROOT = "/mnt/slurm-root"
 # Host paths bound into the root, recursively (mounts below them come along).
 BIND_DIRS = ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp", "/home", "/opt/shifter-sshd")
@@ -83,9 +85,26 @@ def _build(version: str, target: Path) -> None:
     os.rename(partial, target)
 
 
+def include_dir(version: str) -> str:
+    """Where that version's slurm/spank.h is, for building the SPANK plugin."""
+    found = root(version)
+    return os.path.join(found, "usr", "include") if found else "/usr/include"
+
+
 def _python_files() -> tuple[str, ...]:
-    """The interpreter the project's venv runs (its python symlink's target)."""
-    return (os.path.realpath(sys.executable),)
+    """The interpreter the project's venv runs: every absolute hop of its python3 link
+    (``venv/bin/python3 -> /usr/bin/python3 -> python3.11``), each bound in."""
+    from . import VENV
+
+    hops, path = [], os.path.join(VENV, "bin", "python3")
+    for _hop in range(8):
+        if not os.path.islink(path):
+            break
+        target = os.readlink(path)
+        path = target if target.startswith("/") else os.path.join(os.path.dirname(path), target)
+        if not path.startswith(VENV + "/"):
+            hops.append(path)
+    return tuple(dict.fromkeys([*hops, os.path.realpath(path)]))
 
 
 def _python_dirs() -> tuple[str, ...]:
@@ -102,5 +121,10 @@ def machine_script(version_root: str, extra_dirs: tuple[str, ...]) -> str:
     for path in (*BIND_DIRS, *extra_dirs, *_python_dirs()):
         lines += [f"mkdir -p {r}{path}", f"mount --rbind {path} {r}{path}"]
     for path in (*BIND_FILES, *_python_files()):
-        lines.append(f"mount --bind {path} {r}{path}")
+        lines += [f"mkdir -p {os.path.dirname(r + path)}", f"[ -e {r}{path} ] || : > {r}{path}",
+                  f"mount --bind {path} {r}{path}"]  # fmt: skip
+    # The version root becomes the machine's /: whatever enters the machine later
+    # (nsenter) starts there, and the host's tree is let go.
+    lines += [f"mkdir -p {r}/.lab-host", f"cd {r}", "pivot_root . .lab-host",
+              "umount -l /.lab-host"]  # fmt: skip
     return "\n".join(lines) + "\n"

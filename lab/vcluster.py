@@ -92,7 +92,7 @@ class Cluster:
         subnet = f"10.77.{index}"
         layout = Layout(root, subnet, self.node_count, self.prolog, self.epilog, self.plugstack,
                         self.proctrack, self.prolog_flags, gpus=self.gpus,
-                        gpu_files=self.gpu_files)  # fmt: skip
+                        gpu_files=self.gpu_files, slurm=self.slurm)  # fmt: skip
         self._layout = layout
         self._teardown = Teardown(root, index, layout.node_names)
         # The finalizer holds only the Teardown, so a forgotten or failed cluster is
@@ -214,7 +214,7 @@ class Cluster:
         log = open(self.layout.path(name, "stderr.log"), "ab")  # noqa: SIM115
         with log:
             return subprocess.Popen(
-                [*machine.enter(), *self._chroot(), *argv, "-f", self.conf],
+                [*machine.enter(), *argv, "-f", self.conf],
                 stdout=log,
                 stderr=log,
                 env=self._env(None),
@@ -284,13 +284,8 @@ class Cluster:
         """Run argv inside a node's namespaces (as root, or as ``user``)."""
         machine = self._machine(node)
         return self._run(
-            [*machine.enter(), *self._chroot(), *self._as_user(user, argv)], user, env, timeout,
-            check, input,
-        )  # fmt: skip
-
-    def _chroot(self) -> list[str]:
-        """Into the version's root, where its Slurm runs (nothing for the host's)."""
-        return ["chroot", slurmroots.MACHINE_ROOT] if self.slurm_root else []
+            machine.enter() + self._as_user(user, argv), user, env, timeout, check, input
+        )
 
     def client(
         self,
@@ -304,7 +299,7 @@ class Cluster:
         for another Slurm version the controller's machine, in that version's root."""
         if self.slurm_root is None:
             return self._run(self._as_user(user, argv), user, env, timeout, check, None)
-        login = [*self._machine(CTL_NAME).enter(), *self._chroot(), "env", "-C", self.out_dir]
+        login = [*self._machine(CTL_NAME).enter(), "env", "-C", self.out_dir]
         return self._run([*login, *self._as_user(user, argv)], user, env, timeout, check, None)
 
     def _run(
@@ -333,6 +328,10 @@ class Cluster:
                 done.stderr,
             )
         return done
+
+    def node_pid(self, node: str) -> int:
+        """The pid of a node's namespace holder (its files: /proc/<pid>/root/...)."""
+        return self._machine(node).pid
 
     def _machine(self, node: str) -> Machine:
         assert self._teardown is not None

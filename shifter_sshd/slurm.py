@@ -47,6 +47,7 @@ from .job import expand_cpus_per_node
 SQUEUE = "/usr/bin/squeue"
 WHERE = "slurm"
 # The fields asked for, in order; none can hold free text.
+INFINITE = 365 * 24 * 3600  # Slurm's end time for an infinite limit: start plus a year
 FIELDS = ("JobID", "NumTasks", "NTPerNode", "cpus-per-task", "OverSubscribe", "EndTime",
           "NumNodes")  # fmt: skip
 # What a prolog may inherit besides SLURM_*: enough for squeue, nothing of the job's.
@@ -74,9 +75,12 @@ def query(env: Mapping[str, str], timeout: float = 15.0) -> JobDetails:
 def _with_environment(record: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """Facts the Prolog environment has (Slurm 23.02 and later) win over the query's."""
     merged = dict(record)
-    end = env.get("SLURM_JOB_END_TIME", "")
+    end, start = env.get("SLURM_JOB_END_TIME", ""), env.get("SLURM_JOB_START_TIME", "")
     if end.isdigit():
-        merged["end_time"] = int(end)
+        # An infinite limit is written as a year after the start (23.02 and later put it
+        # in the environment too): no end time, as squeue's "Unknown" says on 22.05.
+        infinite = start.isdigit() and int(end) - int(start) >= INFINITE
+        merged["end_time"] = None if infinite else int(end)
     exclusive = env.get("SLURM_JOB_EXCLUSIVE", "")  # 26.05: NO, NODE, USER, MCS, TOPO
     if exclusive:
         merged["shared"] = "none" if exclusive.upper() == "NODE" else "shared"

@@ -15,6 +15,8 @@ from lab import fakegpu
 from lab.site import BUSYBOX, OPENMPI, Site
 from lab.vcluster import Cluster
 
+pytestmark = pytest.mark.cluster  # make test runs these on every Slurm version
+
 GPUS_PER_NODE = 2
 # What the batch step, an ssh session and each rank print: host, the host indexes of
 # the GPUs nvidia-smi lists, the environment, and which /dev/nvidiaN (0-3) it can

@@ -21,6 +21,8 @@ from test_cluster import leftovers, run_job, settled
 from lab.site import BUSYBOX, FAULT_FILE, MPICH, OPENMPI, STATE, Site, make_site
 from lab.vcluster import Cluster
 
+pytestmark = pytest.mark.cluster  # make test runs these on every Slurm version
+
 USER = "sstest1"
 
 
@@ -156,7 +158,10 @@ def test_a_live_jobs_container_is_left_alone(cluster: Cluster) -> None:
     first = cluster.sbatch(USER, "#!/bin/sh\nsleep 30\n", small)
     wait_for(lambda: cluster.job(first).get("JobState") == "RUNNING", 30, "the first job")
     root = f"/var/udiMount/{first}/etc/passwd"
-    cluster.run("node1", ["test", "-f", root])
+    # RUNNING may come while the prolog still runs (23.02 and later show the job
+    # RUNNING+CONFIGURING meanwhile): wait for its container.
+    wait_for(lambda: cluster.run("node1", ["test", "-f", root], check=False).returncode == 0,
+             30, "the first job's container")  # fmt: skip
     second = cluster.sbatch(USER, "#!/bin/sh\nshifter true && echo SECOND-OK\n", small)
     assert cluster.wait(second, timeout=60) == "COMPLETED", cluster.output(second)
     assert "SECOND-OK" in cluster.output(second)

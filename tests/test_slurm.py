@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,11 +24,13 @@ from shifter_sshd.errors import ShifterError
 from shifter_sshd.hostsfile import expand_nodelist
 from shifter_sshd.job import expand_cpus_per_node
 
+pytestmark = pytest.mark.cluster  # make test runs these on every Slurm version
+
 USER = "sstest1"
 PYTHON = os.path.join(VENV, "bin", "python")
 PRIVATE = "/run/shifter-sshd-slurmtest"  # a tmpfs of its own on every node
 RECORD = (
-    "import dataclasses, json, os, sys, time\n"
+    "import dataclasses, json, os, subprocess, sys, time\n"
     "from shifter_sshd import slurm\n"
     "start = time.monotonic()\n"
     "try:\n"
@@ -36,8 +39,17 @@ RECORD = (
     "    found = {'error': str(err)}\n"
     "found.update(now=int(time.time()), seconds=time.monotonic() - start,\n"
     "             cpus=os.environ.get('SLURM_JOB_CPUS_PER_NODE'), path=os.environ.get('PATH'))\n"
+    # What this Slurm version said, for tests/fixtures/slurm (test_slurm_versions.py).
+    "fields = ','.join(f + ':|' for f in slurm.FIELDS)\n"
+    "raw = subprocess.run([slurm.SQUEUE, '-h', '-j', os.environ['SLURM_JOB_ID'], '-O', fields],\n"
+    "                     capture_output=True, text=True, env={'SLURM_CONF': os.environ.get(\n"
+    "                     'SLURM_CONF', ''), 'SLURM_TIME_FORMAT': '%s'}).stdout\n"
+    "found['recorded'] = {'squeue': raw, 'env': {k: v for k, v in os.environ.items()\n"
+    "                     if k.startswith(('SLURM_', 'SPANK_'))}}\n"
     "print(json.dumps(found))\n"
 )
+FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
+RECORD_FIXTURES = "SHIFTER_SSHD_RECORD_SLURM_FIXTURES"  # =1: write what each version said
 # slurmd gives the Prolog no PATH: absolute paths only, as in the real one.
 PROLOG = f"""#!/bin/sh
 {PYTHON} -c "$(/bin/cat {{record}})" > {PRIVATE}/details.$SLURM_JOB_ID 2>&1
@@ -85,7 +97,22 @@ def run_job(cluster: Cluster, args: list[str]) -> tuple[dict[str, object], list[
     keys = ("tasks_per_node", "end_time", "exclusive", "source")
     assert all({k: f[k] for k in keys} == {k: first[k] for k in keys} for f in found), found
     slurm_tasks = expand_cpus_per_node(cluster.output(job).strip(), len(nodes))
+    if os.environ.get(RECORD_FIXTURES) == "1":
+        _record_fixture(cluster, args, first)
     return first, slurm_tasks, job
+
+
+def _record_fixture(cluster: Cluster, args: list[str], found: dict[str, object]) -> None:
+    """Keep this version's own words (squeue's line, the Prolog environment) and what the
+    prolog made of them, for the offline test that parses every version's."""
+    directory = FIXTURES / cluster.slurm
+    directory.mkdir(parents=True, exist_ok=True)
+    recorded = dict(found["recorded"])  # type: ignore[call-overload]
+    env = {k: v for k, v in recorded["env"].items() if not k.endswith(("_CONF", "_COMMENT"))}
+    expected = {k: found[k] for k in ("tasks_per_node", "end_time", "exclusive")}
+    fixture = {"args": args, "squeue": recorded["squeue"], "env": env, "expected": expected}
+    name = "_".join(a.strip("-").replace("=", "-") for a in args) or "default"
+    (directory / f"{name}.json").write_text(json.dumps(fixture, indent=1, sort_keys=True) + "\n")
 
 
 def test_exclusive_job_with_tasks_per_node_and_time_limit(cluster: Cluster) -> None:
@@ -113,7 +140,13 @@ def test_job_that_shares_its_nodes_is_not_exclusive(
 ) -> None:
     found, slurm_tasks, job = run_job(cluster, args)
     assert found["exclusive"] is False
-    assert cluster.job(job)["OverSubscribe"] == oversubscribe
+    shown = cluster.job(job)
+    if cluster.slurm == "26.05":  # OverSubscribe now says only that; Exclusive is new
+        exclusive = "USER" if oversubscribe == "USER" else "NO"
+        over = "YES" if oversubscribe == "YES" else "NO"
+        assert (shown["OverSubscribe"], shown["Exclusive"]) == (over, exclusive)
+    else:
+        assert shown["OverSubscribe"] == oversubscribe
     assert found["tasks_per_node"] == slurm_tasks
     assert found["end_time"] is None  # infinite limit: squeue says Unknown (certificates
     # then get sshCertMaxLifetime)

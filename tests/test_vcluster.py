@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from lab import VENV
+from lab import VENV, slurmroots
 from lab.images import busybox_tree
 from lab.labstate import LAB_ROOT, cleanup_stale
 from lab.machine import lab_links
 from lab.vcluster import SHIFTER_PRIVATE_DIRS, Cluster
 from shifter_sshd import spank
+
+pytestmark = pytest.mark.cluster  # make test runs these on every Slurm version
 
 SHIFTER_SSHD = os.path.join(VENV, "bin", "shifter-sshd")
 STATE = "/run/shifter-sshd"
@@ -93,7 +95,8 @@ def site() -> Iterator[Site]:
         with open(prolog, "w") as f:
             f.write(PROLOG)
         os.chmod(prolog, 0o755)
-        plugin = spank.build(os.path.join(directory, "shifter_sshd_spank.so"))
+        plugin = spank.build(os.path.join(directory, "shifter_sshd_spank.so"),
+                             slurmroots.include_dir(slurmroots.selected()))  # fmt: skip
         yield Site(directory, config, done.stdout.strip(), plugin, prolog)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
