@@ -146,7 +146,8 @@ def _put_blob(layout: Path, data: bytes) -> dict[str, object]:
 
 
 def image_manifest(layout: Path, layers: list[bytes], config: dict[str, object],
-                   architecture: str = "amd64") -> dict[str, object]:  # fmt: skip
+                   architecture: str = "amd64",
+                   layer_type: str = OCI_LAYER) -> dict[str, object]:  # fmt: skip
     """Blobs for one image; its manifest's descriptor (with its platform)."""
     diff_ids = [f"sha256:{hashlib.sha256(gzip.decompress(b)).hexdigest()}" for b in layers]
     full = {"architecture": architecture, "os": "linux", "config": config,
@@ -154,7 +155,7 @@ def image_manifest(layout: Path, layers: list[bytes], config: dict[str, object],
     manifest = {
         "schemaVersion": 2, "mediaType": OCI_MANIFEST,
         "config": {"mediaType": OCI_CONFIG, **_put_blob(layout, json.dumps(full).encode())},
-        "layers": [{"mediaType": OCI_LAYER, **_put_blob(layout, b)} for b in layers],
+        "layers": [{"mediaType": layer_type, **_put_blob(layout, b)} for b in layers],
     }  # fmt: skip
     descriptor = _put_blob(layout, json.dumps(manifest).encode())
     return {"mediaType": OCI_MANIFEST, **descriptor,

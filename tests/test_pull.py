@@ -379,3 +379,31 @@ def _docker_save(layout: Path, target: Path) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return target
+
+
+def test_a_mirror_is_asked_first(work: Path, reg: Registry, busybox_layout: Path) -> None:
+    """registryMirrors: the image comes from the mirror while its registry is down."""
+    mirror = Registry(work / "mirror").start()
+    try:
+        mirror.push(busybox_layout, "lab/mirrored", "1")
+        down = "127.0.0.1:9"  # nothing listens there
+        config = _config(work / "mirrored", mirror, f"registryMirrors={down}={mirror.address}",
+                         f"insecureRegistries={down}")  # fmt: skip
+        done = _cli(config, "image", "pull", f"docker:{down}/lab/mirrored:1")
+        assert done.returncode == 0, done.stderr
+        assert mirror.blob_gets() == 2
+    finally:
+        mirror.stop()
+
+
+def test_an_unsupported_layer_type_is_refused(work: Path, reg: Registry) -> None:
+    layout = work / "foreign"
+    registry.write_layout(layout, [registry.image_manifest(layout, [registry.layer([
+        File("x", b"x")])], {}, layer_type="application/vnd.example.encrypted+gzip")])  # fmt: skip
+    reg.push(layout, "lab/foreign", "1")
+    store = work / "foreign-store"
+    done = _cli(_config(store, reg), "image", "pull", f"docker:{reg.address}/lab/foreign:1")
+    assert done.returncode != 0
+    assert "unsupported layer media type: application/vnd.example.encrypted+gzip" in done.stderr
+    _nothing_partial(store / "images")
+    assert not list((store / "images" / "data").glob("*"))
