@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-from . import syscalls as sc
 from .errors import node_error
 
 TYPE_CHECKING = False  # typing costs the epilog ~3 ms; mypy knows this name
@@ -46,6 +45,8 @@ def open_area(path: str) -> int:
 
     A directory others can write could have its job directory swapped; refuse it.
     """
+    from . import syscalls as sc  # ctypes: not for the epilogs of jobs without a container
+
     os.makedirs(path, mode=0o755, exist_ok=True)
     try:
         fd = sc.openat2(sc.AT_FDCWD, path, os.O_PATH | os.O_DIRECTORY, sc.RESOLVE_NO_SYMLINKS)

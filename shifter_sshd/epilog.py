@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import os
 
-from . import log, quickconf, teardown
+from . import log, quickconf
 from .areas import job_id_from_env
 from .errors import EXIT_NODE, EXIT_OK, ShifterError
-from .state import StateStore
 
 
 def main(config_path: str | None = None, env: dict[str, str] | None = None) -> int:
@@ -30,6 +29,11 @@ def main(config_path: str | None = None, env: dict[str, str] | None = None) -> i
     try:
         config = _settings(config_path)
         job_id = job_id_from_env(environ)
+        if not _anything_of(config, job_id):
+            return EXIT_OK  # most jobs: no container was ever made for them here
+        from . import teardown
+        from .state import StateStore
+
         clean = teardown.teardown(config, StateStore(config.state_path), job_id)
     except ShifterError as err:
         log.error(str(err))
@@ -44,6 +48,15 @@ def main(config_path: str | None = None, env: dict[str, str] | None = None) -> i
                   f"{config.udi_mount} or {config.loop_mount}")  # fmt: skip
         return EXIT_NODE
     return EXIT_OK
+
+
+def _anything_of(config: quickconf.Places, job_id: str) -> bool:
+    """Whether the job has a state or error file, or a directory in an area, on this node:
+    without any, no prolog made anything for it (a job without --image), and the epilog
+    is done without loading teardown's modules (ctypes among them)."""
+    names = [os.path.join(config.state_path, f"{job_id}.{kind}") for kind in ("json", "error")]
+    names += [os.path.join(area, job_id) for area in (config.udi_mount, config.loop_mount)]
+    return any(os.path.lexists(path) for path in names)
 
 
 def _settings(config_path: str | None) -> quickconf.Places:

@@ -144,3 +144,23 @@ def test_epilog_imports_nothing_heavy() -> None:
     heavy = {"dataclasses", "re", "json", "signal", "typing", "enum", "inspect", "glob",
              "shifter_sshd.config", "shifter_sshd.rootfs", "shifter_sshd.sshd"}  # fmt: skip
     assert loaded & heavy == set()
+
+
+def test_a_job_without_a_container_ends_without_teardowns_modules(tmp_path: Path) -> None:
+    """Most jobs never asked for an image: their epilog looks for the job's files and
+    directories and is done, without ctypes and the mount code."""
+    config = tmp_path / "udiRoot.conf"
+    config.write_text(f"udiMount={tmp_path}/u\nloopMount={tmp_path}/l\nstatePath={tmp_path}/s\n")
+    code = ("import sys\nfrom shifter_sshd import epilog\n"
+            f"rc = epilog.main({str(config)!r}, {{'SLURM_JOB_ID': '5'}})\n"
+            "print(rc, 'shifter_sshd.teardown' in sys.modules, 'ctypes' in sys.modules)"
+            )  # fmt: skip
+    python = os.path.join(VENV, "bin", "python")
+    done = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, check=True,
+                          cwd="/")  # fmt: skip
+    assert done.stdout.split() == ["0", "False", "False"], done.stderr
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "5.error").write_text("a user's mistake\n")  # the prolog left this
+    done = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, check=True,
+                          cwd="/")  # fmt: skip
+    assert done.stdout.split()[:2] == ["0", "True"] and not (tmp_path / "s" / "5.error").exists()
