@@ -300,12 +300,13 @@ class Store:
             os.makedirs(path, mode=0o755, exist_ok=True)
             os.chmod(path, 0o755)  # noqa: S103 - the users' plugin reads the store
 
-    def _locked(self) -> _Lock:
-        return _Lock(os.path.join(self.root, ".lock"))
+    def _locked(self) -> FileLock:
+        return FileLock(os.path.join(self.root, ".lock"))
 
 
-class _Lock:
-    """An exclusive flock on the store while names and data change."""
+class FileLock:
+    """An exclusive flock on a lock file: the store's while names and data change, and
+    one per digest while it is pulled (``pull.py``)."""
 
     def __init__(self, path: str) -> None:
         self.path = path

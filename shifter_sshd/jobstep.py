@@ -63,3 +63,18 @@ def adopt(job_id: str, state: JobState) -> list[int]:
         slurmstepd.adopt(job_id, pids)
         log.info(f"adopt: job {job_id}: pids {', '.join(map(str, pids))} are in its extern step")
     return pids
+
+
+def adopt_if_in_job(job_id: str, state: JobState) -> None:
+    """With PrologFlags=RunInJob the extern step exists already: adopt the job's
+    processes (sshd, user namespace holder) now. Otherwise the SPANK plugin adopts
+    them from the extern step, once Slurm made it."""
+    from .errors import node_error
+
+    if slurmstepd.extern_socket(job_id) is None:
+        return
+    try:
+        adopt(job_id, state)
+    except slurmstepd.StepdError as err:
+        raise node_error("prolog", "cannot put the job's processes into its extern step",
+                         err) from None  # fmt: skip

@@ -243,28 +243,12 @@ def _sshd_wanted(s: Setup) -> bool:
 
 def step_ssh_keys(s: Setup) -> None:
     if _sshd_wanted(s):
-        from . import sshfiles
+        from . import slurmconf, sshfiles
 
         assert s.user is not None
-        _check_containment(s)
+        slurmconf.check_containment(s.job_env.get("SLURM_CONF", ""),
+                                    s.config.sshd_job_containment, s.job.job_id)  # fmt: skip
         s.key_set = sshfiles.derive(s.config, s.job, s.user, s.end_time)
-
-
-def _check_containment(s: Setup) -> None:
-    """The sshd will be the job's (jobstep): slurm.conf must let it be."""
-    conf = s.job_env.get("SLURM_CONF", "")
-    if not conf:
-        return  # run by hand, not by slurmd: there is no job step to join
-    from . import slurmconf
-
-    if not s.config.sshd_job_containment:
-        log.warning(f"prolog: job {s.job.job_id}: sshdJobContainment=0: the sshd and its "
-                    "sessions run outside the job's cgroups")  # fmt: skip
-        return
-    problems = slurmconf.missing_requirements(conf)
-    if problems:
-        raise node_error("slurm.conf", f"the container sshd needs {slurmconf.REQUIRED} "
-                         "(or sshdJobContainment=0)", "; ".join(problems))  # fmt: skip
 
 
 def step_ssh_files(s: Setup) -> None:
@@ -289,59 +273,11 @@ def step_sshd(s: Setup) -> None:
     from . import processes, sshd, sshfiles
 
     assert s.user is not None
-    _free_port(s, sshd.port_holders(s.config.sshd_port))
+    sshd.free_port(s.config.sshd_port, s.exclusive is True, s.job.job_id)
     pid = sshd.start(s.tree.root, s.user, sshfiles.SSHD_LOG)
     s.state.sshd_pid, s.state.sshd_start_time = pid, processes.start_time(pid) or 0
     s.store.save(s.state)
     sshd.wait_ready(pid, s.config.sshd_port, s.tree.ssh)
-
-
-def _adopt_if_in_job(s: Setup) -> None:
-    """With PrologFlags=RunInJob the extern step exists already: adopt the job's
-    processes (sshd, user namespace holder) now. Otherwise the SPANK plugin adopts
-    them from the extern step, once Slurm made it."""
-    if not (s.config.sshd_job_containment and s.job_env.get("SLURM_CONF")):
-        return
-    from . import jobstep, slurmstepd
-
-    if slurmstepd.extern_socket(s.job.job_id) is None:
-        return
-    try:
-        jobstep.adopt(s.job.job_id, s.state)
-    except slurmstepd.StepdError as err:
-        raise node_error("prolog", "cannot put the job's processes into its extern step",
-                         err) from None  # fmt: skip
-
-
-def _free_port(s: Setup, holders: list[int]) -> None:
-    """A leftover holding the sshd port goes; anyone else's process means no sshd.
-
-    On a node the job has to itself, a user's process in no running job (no job
-    cgroup, or one of a job no stepd on this node still serves) is a leftover of an
-    earlier job whose epilog never ran: it is killed. A root process on the port is
-    the site's configuration clashing with a service: the node's problem. Anything
-    else is the job's problem: a clear error, and no sshd.
-    """
-    if not holders:
-        return
-    from . import processes, sshd
-
-    port, described = s.config.sshd_port, sshd.describe(holders)
-    if any(processes.owner(pid) == 0 for pid in holders):
-        raise node_error("sshd", f"sshdPort {port} is held by a root process", described)
-    if s.exclusive is not True or not all(_leftover(p, s.job.job_id) for p in holders):
-        raise user_error("sshd", f"port {port} is held by another process", described)
-    log.warning(f"prolog: job {s.job.job_id}: killing leftovers holding port {port}: {described}")
-    processes.kill_now(holders)
-    if sshd.port_holders(port):
-        raise user_error("sshd", f"port {port} is still held after killing leftovers", described)
-
-
-def _leftover(pid: int, job_id: str) -> bool:
-    from . import processes, slurmstepd
-
-    jobs = processes.slurm_jobs(pid)
-    return jobs is not None and all(j == job_id or not slurmstepd.job_running(j) for j in jobs)
 
 
 def step_userns(s: Setup) -> None:
@@ -354,7 +290,10 @@ def step_userns(s: Setup) -> None:
         log.warning(f"prolog: job {s.job.job_id}: no user namespace for shifter (unprivileged "
                     "user namespaces are off?): shifter will go through the sshd")  # fmt: skip
     s.store.save(s.state)
-    _adopt_if_in_job(s)
+    if s.config.sshd_job_containment and s.job_env.get("SLURM_CONF"):
+        from . import jobstep
+
+        jobstep.adopt_if_in_job(s.job.job_id, s.state)
 
 
 def step_finish(s: Setup) -> None:

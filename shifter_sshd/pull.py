@@ -15,7 +15,6 @@ naming the image and the cause, and leaves nothing in the store.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -162,20 +161,10 @@ def _check_space(store: image.Store, manifest: dict[str, object], name: str) -> 
                          store.root)  # fmt: skip
 
 
-class _locked:
+def _locked(store: image.Store, digest: str) -> image.FileLock:
     """One pull per digest at a time, across processes (and nodes, on a shared store
     whose filesystem honours flock)."""
-
-    def __init__(self, store: image.Store, digest: str) -> None:
-        self.path = os.path.join(store.root, f".pull-{digest.replace(':', '-')}.lock")
-        self.fd = -1
-
-    def __enter__(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *_exc: object) -> None:
-        os.close(self.fd)
+    return image.FileLock(os.path.join(store.root, f".pull-{digest.replace(':', '-')}.lock"))
 
 
 # --- skopeo ----------------------------------------------------------------------------

@@ -65,3 +65,19 @@ def spool_dir(path: str, node_name: str) -> str:
     spool = values(path, ("SlurmdSpoolDir",)).get("slurmdspooldir", DEFAULT_SPOOL)
     host = socket.gethostname().split(".")[0]
     return spool.replace("%n", node_name).replace("%h", host)
+
+
+def check_containment(slurm_conf: str, wanted: bool, job_id: str) -> None:
+    """The sshd will be the job's (jobstep.py): slurm.conf must let it be."""
+    if not slurm_conf:
+        return  # run by hand, not by slurmd: there is no job step to join
+    if not wanted:
+        from . import log
+
+        log.warning(f"prolog: job {job_id}: sshdJobContainment=0: the sshd and its "
+                    "sessions run outside the job's cgroups")  # fmt: skip
+        return
+    problems = missing_requirements(slurm_conf)
+    if problems:
+        raise node_error("slurm.conf", f"the container sshd needs {REQUIRED} "
+                         "(or sshdJobContainment=0)", "; ".join(problems))  # fmt: skip

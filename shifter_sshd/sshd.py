@@ -241,3 +241,35 @@ def _tail(ssh_dir: int, lines: int = 5) -> str:
     finally:
         os.close(fd)
     return " | ".join(text.strip().splitlines()[-lines:]) or "(empty sshd log)"
+
+
+def free_port(port: int, exclusive: bool, job_id: str) -> None:
+    """A leftover holding the sshd port goes; anyone else's process means no sshd.
+
+    On a node the job has to itself, a user's process in no running job (no job
+    cgroup, or one of a job no stepd on this node still serves) is a leftover of an
+    earlier job whose epilog never ran: it is killed. A root process on the port is
+    the site's configuration clashing with a service: the node's problem. Anything
+    else is the job's problem: a clear error, and no sshd.
+    """
+    holders = port_holders(port)
+    if not holders:
+        return
+    from . import log, processes
+
+    described = describe(holders)
+    if any(processes.owner(pid) == 0 for pid in holders):
+        raise node_error("sshd", f"sshdPort {port} is held by a root process", described)
+    if not exclusive or not all(_leftover(p, job_id) for p in holders):
+        raise user_error("sshd", f"port {port} is held by another process", described)
+    log.warning(f"prolog: job {job_id}: killing leftovers holding port {port}: {described}")
+    processes.kill_now(holders)
+    if port_holders(port):
+        raise user_error("sshd", f"port {port} is still held after killing leftovers", described)
+
+
+def _leftover(pid: int, job_id: str) -> bool:
+    from . import processes, slurmstepd
+
+    jobs = processes.slurm_jobs(pid)
+    return jobs is not None and all(j == job_id or not slurmstepd.job_running(j) for j in jobs)
