@@ -207,7 +207,8 @@ def installation() -> Found:
     package = os.path.dirname(os.path.abspath(__file__))
     for path in (sys.prefix, os.path.join(sys.prefix, "bin"), package):
         _owned_safely(found, "installation", path, readable_by_all=True)
-    for name in ("shifter", "shifter-sshd", "shifter-sshd-prolog", "shifter-sshd-epilog"):
+    for name in ("shifter", "shifterimg", "shifter-sshd", "shifter-sshd-prolog",
+                 "shifter-sshd-epilog"):  # fmt: skip
         script = os.path.join(sys.prefix, "bin", name)
         try:
             with open(script, "rb") as handle:
@@ -215,12 +216,12 @@ def installation() -> Found:
         except OSError:
             _problem(found, "installation", f"{script}: missing")
             continue
-        if not first.rstrip().endswith(b" -I"):
+        if not first.rstrip().endswith((b" -I", b" -IS")):
             _warning(
                 found,
                 "installation",
                 f"{script}: Python not started isolated (-I): a "
-                "user's PYTHONHOME or PYTHONPATH reaches it (docs/admin.md, Install)",
+                "user's PYTHONHOME or PYTHONPATH reaches it (python -m shifter_sshd.launchers)",
             )
     return found
 

@@ -115,7 +115,10 @@ def test_commands_ignore_the_users_python_environment(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "PYTHONHOME": str(tmp_path / "nowhere"),
            "PYTHONPATH": str(evil), "PYTHONUSERBASE": str(evil)}  # fmt: skip
     bindir = os.path.dirname(CLI)
-    for script in ("shifter", "shifter-sshd", "shifter-sshd-prolog", "shifter-sshd-epilog"):
+    for script in ("shifter", "shifterimg", "shifter-sshd", "shifter-sshd-prolog",
+                   "shifter-sshd-epilog"):  # fmt: skip
+        with open(f"{bindir}/{script}", encoding="utf-8") as handle:
+            assert handle.readline().rstrip().endswith((" -I", " -IS")), script
         done = subprocess.run([f"{bindir}/{script}", "--help"], env=env, capture_output=True,
                               text=True, timeout=30)  # fmt: skip
         assert done.returncode == 0, (script, done.stderr)
