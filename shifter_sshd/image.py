@@ -190,7 +190,7 @@ class Store:
         parsed = parse_name(name, self.default_type)
         if not os.path.exists(source):
             raise usage_error("image import", "source not found", source)
-        self._make_dirs()
+        self.make_dirs()
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".import-") as tmp:
             partial = os.path.join(tmp, "image.sqsh")
             _to_squashfs(source, partial)
@@ -292,7 +292,7 @@ class Store:
     def _name_path(self, name: ImageName) -> str:
         return os.path.join(self.names, name.type, _quote(name.tag))
 
-    def _make_dirs(self) -> None:
+    def make_dirs(self) -> None:
         """The store's directories, 0755 whatever the umask: users look names up."""
         for path in (self.root, self.data, self.names, *(
             os.path.join(self.names, t) for t in IMAGE_TYPES

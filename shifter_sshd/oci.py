@@ -67,7 +67,7 @@ def _blob(layout: str, digest: object) -> str:
 def read_layout(layout: str, want: tuple[str, str] | None = None) -> Image:
     """The image in an OCI layout directory, for ``want`` = (os, architecture)."""
     index = _json(os.path.join(layout, "index.json"), "OCI index")
-    descriptor = _pick(index, want or imageref.platform(), layout)
+    descriptor = pick_manifest(index, want or imageref.platform(), layout)
     for _depth in range(4):  # an index may point at an index
         media = descriptor.get("mediaType")
         if media in MANIFEST_TYPES:
@@ -75,12 +75,12 @@ def read_layout(layout: str, want: tuple[str, str] | None = None) -> Image:
         if media not in INDEX_TYPES:
             raise usage_error("image", "unsupported media type", str(media))
         index = _json(_blob(layout, descriptor.get("digest")), "image index")
-        descriptor = _pick(index, want or imageref.platform(), layout)
+        descriptor = pick_manifest(index, want or imageref.platform(), layout)
     manifest = _json(_blob(layout, descriptor.get("digest")), "image manifest")
     return _image(layout, str(descriptor.get("digest")), manifest)
 
 
-def _pick(index: dict[str, object], want: tuple[str, str], where: str) -> dict[str, object]:
+def pick_manifest(index: dict[str, object], want: tuple[str, str], where: str) -> dict[str, object]:
     """The manifest for ``want`` (or the only one there is)."""
     manifests = index.get("manifests")
     if not isinstance(manifests, list) or not manifests:

@@ -52,7 +52,7 @@ def pull(config: Config, name: str) -> tuple[image.Record, bool]:
         raise usage_error("image pull", "only docker: images come from registries", name)
     ref = imageref.parse(parsed.tag, config.default_registry)
     store = image.Store.from_config(config)
-    store._make_dirs()
+    store.make_dirs()
     manifest, digest, source = _resolve(config, ref, str(parsed))
     found = store.by_digest(digest)
     if found is None:
@@ -91,7 +91,7 @@ def _is_index(raw: bytes) -> bool:
 
 def _choose(index: dict[str, object], name: str) -> dict[str, object]:
     try:
-        return oci._pick(index, imageref.platform(), name)
+        return oci.pick_manifest(index, imageref.platform(), name)
     except ShifterError as err:
         raise user_error("image pull", f"{name}: {err.what}", err.value) from None
 
@@ -234,7 +234,7 @@ def import_archive(config: Config, source: str, name: str,
     """``image import`` of an OCI layout (directory or tar) or a ``docker save`` archive:
     the same layer merge as a pull, the image's own config, import's options on top."""
     store = image.Store.from_config(config)
-    store._make_dirs()
+    store.make_dirs()
     work = tempfile.mkdtemp(dir=store.root, prefix=".import-")
     os.chmod(work, 0o700)
     try:
