@@ -322,3 +322,12 @@ def test_every_key_is_documented() -> None:
     reference = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     for key in list(config.KEYS) + [f"module_<name>_{k}" for k in config.MODULE_KEYS]:
         assert f"`{key}`" in reference, key
+
+
+def test_our_own_example_parses_cleanly() -> None:
+    """etc/udiRoot.conf.example, what admins start from: every key known, no warning."""
+    example = Path(__file__).resolve().parents[1] / "etc" / "udiRoot.conf.example"
+    parsed = config.load(str(example))
+    assert parsed.warnings == ()
+    assert parsed.cdi_spec_dirs == ("/etc/cdi", "/var/run/cdi")
+    assert parsed.default_registry == "docker.io"
