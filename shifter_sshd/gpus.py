@@ -168,6 +168,14 @@ def apply(tree: Tree, gpus: Plan) -> None:
     """Bind the spec's files, make its links and the loader's cache, in the container."""
     places = _Places(tree)
     try:
+        folders = [
+            os.path.dirname(p)
+            for p in (
+                *(m.container_path for m in gpus.mounts),
+                *(link for _target, link in gpus.links),
+            )
+        ]
+        places.prepare([*folders, *gpus.ldcache_folders])
         bound: dict[str, list[tuple[str, str]]] = {}  # folder -> [(name, host path)]
         for mount in gpus.mounts:
             folder, name = os.path.split(mount.container_path)
@@ -197,6 +205,35 @@ class _Places:
         self.tree = tree
         self.root = Root(tree.root)
         self.opened: dict[str, int] = {}
+
+    def prepare(self, folders: list[str]) -> None:
+        """Overlay every read-only directory entries will be made in, shallowest first.
+
+        An overlay mounted on a directory hides what is mounted below it: one put on
+        /usr/lib (for /lib/firmware/..., through Debian's /lib -> usr/lib) after the
+        libraries were bound in /usr/lib/x86_64-linux-gnu would hide them. Overlaid
+        first, the ancestor makes its descendants writable, and they need none.
+        """
+        anchors: dict[str, str] = {}  # where it is on the host -> its path in the container
+        for folder in folders:
+            path, fd = self._existing(os.path.normpath(folder))
+            try:
+                if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+                    anchors.setdefault(os.readlink(sc.fd_path(fd)), path)
+            finally:
+                os.close(fd)
+        for _where, path in sorted(anchors.items(), key=lambda item: item[0].count("/")):
+            self.directory(path)
+
+    def _existing(self, path: str) -> tuple[str, int]:
+        """The deepest directory of ``path`` that exists in the container, opened."""
+        while True:
+            try:
+                return path, self.root.open(path, os.O_PATH | os.O_DIRECTORY)
+            except FileNotFoundError:
+                if path == "/":
+                    raise
+                path = os.path.dirname(path)
 
     def directory(self, path: str) -> int:
         path = os.path.normpath(path)
@@ -248,7 +285,9 @@ class _Places:
 
 def _bind(tree: Tree, folder: int, name: str, mount: cdi.Mount) -> None:
     """The host file or directory at ``name`` in ``folder``, read-only unless the spec
-    says rw; nosuid and nodev always."""
+    says rw; nosuid and nodev always (``volumes.bind``, as for siteFs)."""
+    from . import volumes
+
     try:
         source = os.open(mount.host_path, os.O_PATH | os.O_CLOEXEC)
     except OSError as err:
@@ -256,19 +295,10 @@ def _bind(tree: Tree, folder: int, name: str, mount: cdi.Mount) -> None:
                          mount.host_path) from None  # fmt: skip
     try:
         is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
-        attrs = priv.NOSUID_NODEV | (0 if "rw" in mount.options else sc.MOUNT_ATTR_RDONLY)
-        clone = priv.clone(source, attrs, "rbind" in mount.options)
+        target = priv.make_dir(folder, name) if is_dir else _mount_point(folder, name)
+        volumes.bind(tree, source, target, "rw" not in mount.options, "rbind" in mount.options)
     finally:
         os.close(source)
-    try:
-        target = priv.make_dir(folder, name) if is_dir else _mount_point(folder, name)
-        try:
-            priv.attach(clone, target)
-        finally:
-            os.close(target)
-    finally:
-        os.close(clone)
-    tree.mounts += 1
 
 
 def _mount_point(folder: int, name: str) -> int:

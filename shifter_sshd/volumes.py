@@ -118,7 +118,7 @@ def mount_site_fs(tree: Tree, site_fs: list[SiteMount]) -> None:
         try:
             is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
             target = _site_target(tree, mount.dest, is_dir)
-            _bind(tree, source, target, mount.read_only, mount.recursive)
+            bind(tree, source, target, mount.read_only, mount.recursive)
         finally:
             os.close(source)
 
@@ -155,7 +155,7 @@ def mount_user_volumes(tree: Tree, user: User, volumes: list[SiteMount], timeout
         for volume, source in zip(volumes, sources, strict=True):
             _check_source(volume, source, user)
             target = _user_target(tree, volume.dest, stat.S_ISDIR(source.mode), user)
-            tree.volume_mounts.add(_bind(tree, source.fd, target, volume.read_only, True))
+            tree.volume_mounts.add(bind(tree, source.fd, target, volume.read_only, True))
     finally:
         for source in sources:
             if source.fd >= 0:
@@ -273,7 +273,7 @@ def _check_kind(fd: int, is_dir: bool, dest: str, where: str) -> None:
         raise user_error(where, f"destination in the image is not {kind}", dest)
 
 
-def _bind(tree: Tree, source: int, target: int, read_only: bool, recursive: bool) -> int:
+def bind(tree: Tree, source: int, target: int, read_only: bool, recursive: bool) -> int:
     """Bind (a recursive private copy of) ``source`` on ``target``; closes ``target``."""
     attrs = priv.NOSUID_NODEV | (sc.MOUNT_ATTR_RDONLY if read_only else 0)
     try:

@@ -152,3 +152,34 @@ def test_a_broken_spec_is_the_nodes_problem_for_gpu_jobs_only(
     _prolog(node, user, "307", image=BUSYBOX)  # a job without GPUs never reads the specs
     assert node.epilog("307").returncode == 0
     assert node.leftovers() == []
+
+
+def test_files_in_a_new_directory_high_up_do_not_hide_the_libraries(
+    node: Node, test_users: list[LabUser], fake_gpus: Path, tmp_path: Path
+) -> None:
+    """A spec's file whose directory the image lacks, high up (/usr/fake-firmware here;
+    /lib/firmware/nvidia/<version> of a real driver, through /lib -> usr/lib), listed
+    after the libraries: its overlay goes on /usr first, so the libraries bound below
+    it stay visible."""
+    firmware = tmp_path / "gsp.bin"
+    firmware.write_text("firmware blob\n")
+    firmware.chmod(0o644)
+    spec = fakegpu.spec_dict(fake_gpus, 4)
+    edits = spec["containerEdits"]
+    assert isinstance(edits, dict)
+    edits["mounts"].append({"hostPath": str(firmware),
+                            "containerPath": "/usr/fake-firmware/550/gsp.bin",
+                            "options": ["ro", "nosuid", "nodev", "bind"]})  # fmt: skip
+    specs = tmp_path / "cdi"
+    specs.mkdir()
+    (specs / "gpu.json").write_text(json.dumps(spec))
+    node.write_config(cdiSpecDirs=str(specs))
+    user = test_users[0]
+    _prolog(node, user, "308", SLURM_JOB_GPUS="2")
+    inside = in_root(node.root("308"), user.uid, [user.gid],
+                     "nvidia-smi -L; cat /usr/fake-firmware/550/gsp.bin")  # fmt: skip
+    assert inside.returncode == 0, inside.stderr
+    assert "GPU 0: Fake GPU" in inside.stdout and "-2)" in inside.stdout
+    assert "firmware blob" in inside.stdout
+    assert node.epilog("308").returncode == 0
+    assert node.leftovers() == []
