@@ -125,20 +125,28 @@ def _fetch(config: Config, store: image.Store, name: str, ref: imageref.Referenc
         _skopeo(config, registry, name, ["copy", "--quiet", *_flags(config, registry, "src"),
                 pinned.transport(registry), f"oci:{layout}:image"])  # fmt: skip
         pulled = oci.read_layout(layout)
-        plain = []
-        for number, blob in enumerate(pulled.layers):
-            plain.append(os.path.join(work, f"layer{number}.tar"))
-            layers.decompress(blob, plain[-1])
-            os.unlink(blob)  # the compressed copy is no longer needed: halve the space
-        partial = os.path.join(work, "image.sqsh")
-        dropped = layers.to_squashfs(plain, partial, config.keep_device_nodes)
-        if dropped:
-            log.info(f"image pull: {name}: {dropped} device node(s) or unsafe entries left out")
+        partial = _squashfs(config, pulled, work, name, owned=True)
         return store.add_squashfs(partial, metadata(pulled), (name,), str(ref), digest)
     except ShifterError as err:
         raise ShifterError("image pull", f"{name}: {err.what}", err.value, err.kind) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _squashfs(config: Config, pulled: oci.Image, work: str, name: str, owned: bool) -> str:
+    """The image's layers, decompressed into ``work``, merged into ``work/image.sqsh``.
+    ``owned``: the blobs are this pull's copies, removed once read (half the space)."""
+    plain = []
+    for number, blob in enumerate(pulled.layers):
+        plain.append(os.path.join(work, f"plain{number}.tar"))
+        layers.decompress(blob, plain[-1])
+        if owned:
+            os.unlink(blob)
+    partial = os.path.join(work, "image.sqsh")
+    dropped = layers.to_squashfs(plain, partial, config.keep_device_nodes)
+    if dropped:
+        log.info(f"image: {name}: {dropped} device node(s) or unsafe entries left out")
+    return partial
 
 
 def metadata(pulled: oci.Image) -> image.Metadata:
@@ -246,20 +254,16 @@ def import_archive(config: Config, source: str, name: str,
             pulled = oci.read_layout(layout)
         else:
             pulled = oci.read_docker_archive(source, work)
-        plain = []
-        for number, blob in enumerate(pulled.layers):
-            plain.append(os.path.join(work, f"plain{number}.tar"))
-            layers.decompress(blob, plain[-1])
-        partial = os.path.join(work, "image.sqsh")
-        layers.to_squashfs(plain, partial, config.keep_device_nodes)
+        partial = _squashfs(config, pulled, work, name, owned=not os.path.isdir(source))
         meta = metadata(pulled)
         env = {**meta.env, **{k: v for k, v in overrides.env.items()
                               if image.DEFAULT_ENV.get(k) != v}}  # fmt: skip
         merged = image.Metadata(env=env, entrypoint=overrides.entrypoint,
                                 workdir=overrides.workdir or meta.workdir, command=meta.command,
                                 user=meta.user, labels=meta.labels)  # fmt: skip
-        return store.add_squashfs(partial, merged, (name,), os.path.abspath(source),
-                                  pulled.digest)  # fmt: skip
+        # The digest names the image as its registry has it: not when options changed it.
+        digest = pulled.digest if merged == meta else ""
+        return store.add_squashfs(partial, merged, (name,), os.path.abspath(source), digest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

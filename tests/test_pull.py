@@ -407,3 +407,20 @@ def test_an_unsupported_layer_type_is_refused(work: Path, reg: Registry) -> None
     assert "unsupported layer media type: application/vnd.example.encrypted+gzip" in done.stderr
     _nothing_partial(store / "images")
     assert not list((store / "images" / "data").glob("*"))
+
+
+def test_an_import_changed_by_options_is_not_known_by_the_registry_digest(
+    work: Path, busybox_layout: Path
+) -> None:
+    """Imported as it is, a layout keeps its manifest digest (a later pull of that digest
+    finds it); with --env it is another image, which the digest must not name."""
+    for extra, has_digest in (([], True), (["--env", "FOO=1"], False)):
+        store = work / f"import-digest-{has_digest}"
+        store.mkdir()
+        config = store / "udiRoot.conf"
+        config.write_text(f"imagePath={store}/images\n")
+        done = _cli(str(config), "image", "import", str(busybox_layout), "docker:x:1", *extra)
+        assert done.returncode == 0, done.stderr
+        listed = _cli(str(config), "image", "list", "--long").stdout
+        assert ("digest: sha256:" in listed) == has_digest, listed
+        assert (store / "images" / "digests").is_dir() == has_digest
