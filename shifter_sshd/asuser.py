@@ -6,21 +6,30 @@ It looks at what it opened (type, filesystem, whether the user may read and writ
 it) and passes each descriptor back over a socket. So the prolog (root) never
 looks a user's path up itself and never waits on the user's filesystems: a hung
 NFS or FUSE server, or the user stopping the child (it is theirs to signal), costs
-at most the deadline, after which the child is killed and the job gets a user error.
+at most the deadline, after which the child is killed and the job gets a user error
+(``userproc`` holds the rules for every wait on a child that has become the user).
+
+What root then does with the descriptors never calls into the source's filesystem:
+``open_tree`` on an O_PATH descriptor, ``move_mount`` and ``mount_setattr`` work on
+the mount tree alone, and the mount id comes from fdinfo, not ``fstat``. A FUSE
+source whose daemon the user stops (sshfs, squashfuse) can hold the child, never
+root.
 """
 
 from __future__ import annotations
 
 import array
 import os
-import signal
 import socket
 import struct
-import time
 from dataclasses import dataclass
 
+from . import faults
 from . import syscalls as sc
+from .userproc import Timeout, UserChild
 from .users import User
+
+__all__ = ["Source", "Timeout", "open_sources"]
 
 _HEADER = struct.Struct("=iIqBB")  # errno, st_mode, statfs f_type, readable, writable
 
@@ -38,10 +47,6 @@ class Source:
     error: int = 0
 
 
-class Timeout(Exception):
-    """The child did not answer in time (stopped, or stuck on a filesystem)."""
-
-
 def open_sources(paths: list[str], user: User, timeout: float) -> list[Source]:
     """Every path opened as ``user``; raises Timeout when the deadline passes."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -51,10 +56,10 @@ def open_sources(paths: list[str], user: User, timeout: float) -> list[Source]:
         _child(child, paths, user)  # never returns
     child.close()
     try:
-        return _receive(parent, paths, time.monotonic() + timeout)
+        with UserChild(pid, timeout) as helper:
+            return _receive(parent, paths, helper)
     finally:
         parent.close()
-        _reap(pid)
 
 
 def _child(sock: socket.socket, paths: list[str], user: User) -> None:
@@ -67,6 +72,7 @@ def _child(sock: socket.socket, paths: list[str], user: User) -> None:
         os.setgroups(user.gids)
         os.setgid(user.gid)
         os.setuid(user.uid)
+        faults.inject("asuser child")
         for path in paths:
             _send_one(sock, path)
         code = 0
@@ -93,18 +99,12 @@ def _send_one(sock: socket.socket, path: str) -> None:
         os.close(fd)
 
 
-def _receive(sock: socket.socket, paths: list[str], deadline: float) -> list[Source]:
+def _receive(sock: socket.socket, paths: list[str], helper: UserChild) -> list[Source]:
     found: list[Source] = []
     try:
         for path in paths:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Timeout
-            sock.settimeout(left)
-            try:
-                data, ancillary, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(4))
-            except TimeoutError:
-                raise Timeout from None
+            helper.wait_readable(sock.fileno())
+            data, ancillary, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(4))
             found.append(_decode(path, data, ancillary))
     except BaseException:
         for source in found:
@@ -132,11 +132,3 @@ def _decode(path: str, data: bytes, ancillary: list[tuple[int, int, bytes]]) -> 
         return Source(path, error=error or 5)
     os.set_inheritable(fds[0], False)
     return Source(path, fds[0], mode, fstype, bool(readable), bool(writable))
-
-
-def _reap(pid: int) -> None:
-    """The child is done or past its deadline: make sure it is gone, and reap it."""
-    done, _status = os.waitpid(pid, os.WNOHANG)
-    if done == 0:
-        os.kill(pid, signal.SIGKILL)  # works on a stopped process too
-        os.waitpid(pid, 0)

@@ -70,6 +70,8 @@ class Config:
     max_volumes: int = 64
     max_image_mounts: int = 256
     volume_timeout: float = 20.0
+    sshd_start_timeout: float = 10.0
+    userns_timeout: float = 5.0
     gpu_injection: str = "auto"  # auto: the job's GPUs; module: only with --module=gpu
     cdi_spec_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")
     gpu_cdi_device: str = "nvidia.com/gpu={index}"
@@ -125,6 +127,8 @@ KEYS: dict[str, tuple[str, Parser, bool]] = {
     "maxVolumes": ("max_volumes", v.int_range(0, 10000), False),
     "maxImageMounts": ("max_image_mounts", v.int_range(1, 100000), False),
     "volumeTimeout": ("volume_timeout", v.seconds, False),
+    "sshdStartTimeout": ("sshd_start_timeout", v.seconds, False),
+    "usernsTimeout": ("userns_timeout", v.seconds, False),
     "gpuInjection": ("gpu_injection", v.word(("auto", "module", "off")), False),
     "cdiSpecDirs": ("cdi_spec_dirs", v.paths, True),
     "gpuCdiDevice": ("gpu_cdi_device", v.cdi_device, False),

@@ -108,12 +108,14 @@ def foreign_copies(job_dirs: list[str]) -> dict[int, list[bytes]]:
     return found
 
 
-def unmount_in(pid: int, targets: list[bytes]) -> bool:
+def unmount_in(pid: int, targets: list[bytes], timeout: float) -> bool:
     """Detach ``targets`` inside ``pid``'s mount namespace (a forked child enters it).
 
     Path-based, in a namespace that is not ours: the targets are the job's own
     root-owned directories (no user can rename them), each detached lazily as a
-    whole tree, as often as copies are stacked there.
+    whole tree, as often as copies are stacked there. The namespace may be the
+    user's, with their FUSE mount on the way to a target: the child waits on their
+    daemon, so it gets ``timeout`` seconds (``killGrace``) and is then killed.
     """
     child = os.fork()
     if child == 0:
@@ -130,5 +132,8 @@ def unmount_in(pid: int, targets: list[bytes]) -> bool:
             code = 0
         finally:
             os._exit(code)
-    _pid, status = os.waitpid(child, 0)
-    return os.waitstatus_to_exitcode(status) == 0
+    from .userproc import UserChild
+
+    with UserChild(child, timeout) as helper:
+        status = helper.wait()
+    return status is not None and os.waitstatus_to_exitcode(status) == 0

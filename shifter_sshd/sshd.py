@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import os
-import select
-import signal
 import socket
 import stat
 import time
 
+from . import faults, processes
 from . import privileged as priv
-from .errors import node_error, user_error
+from .errors import ShifterError, node_error, user_error
+from .userproc import Timeout, UserChild
 from .users import User
 
 SSHD = "/opt/udiImage/libexec/sshd"
@@ -51,11 +51,12 @@ def _drop_privileges(user: User, last: int) -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
-def start(root_fd: int, user: User, log_inside: str, timeout: float = 10.0) -> int:
+def start(root_fd: int, user: User, log_inside: str, timeout: float) -> int:
     """Fork sshd inside the root ``root_fd`` names; returns its pid (sshd -D stays put).
 
     The child reports a failure before exec through a pipe that closes on exec. Once
-    it has the user's uid the user may signal it, so the wait has a deadline.
+    it has the user's uid the user may signal it: the wait ends at ``timeout``
+    (``sshdStartTimeout``), and a child still not exec'd then is killed.
     """
     last_cap = _last_cap()  # read before chroot: nothing of the host is reachable after
     env = {"PATH": "/opt/udiImage/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
@@ -76,6 +77,7 @@ def start(root_fd: int, user: User, log_inside: str, timeout: float = 10.0) -> i
             os.set_inheritable(errors_w, False)  # closes itself on exec: success
             os.chroot(".")
             _drop_privileges(user, last_cap)
+            faults.inject("sshd child")
             os.execve(SSHD, argv, env)  # noqa: S606 - argv is ours, no shell involved
         except BaseException as err:  # report to the parent, never return into Python
             os.write(errors_w, f"{type(err).__name__}: {err}".encode()[:4000])
@@ -83,32 +85,35 @@ def start(root_fd: int, user: User, log_inside: str, timeout: float = 10.0) -> i
             os._exit(127)
     os.close(errors_w)
     try:
-        failure = _read_until_exec(errors_r, pid, timeout)
+        with UserChild(pid, timeout) as child:
+            try:
+                failure = _read_until_exec(errors_r, child)
+            except Timeout:
+                raise _late(pid, user, timeout) from None
+            if not failure:
+                child.release()
+                return pid
     finally:
         os.close(errors_r)
-    if failure:
-        os.waitpid(pid, 0)
-        raise node_error("sshd", "cannot start", failure)
-    return pid
+    raise node_error("sshd", "cannot start", failure)  # the child was killed and reaped
 
 
-def _read_until_exec(fd: int, pid: int, timeout: float) -> str:
+def _read_until_exec(fd: int, child: UserChild) -> str:
     """What the child wrote before exec ('' once exec closed the pipe)."""
     chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        if not select.select([fd], [], [], left)[0]:
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return b"".join(chunks).decode(errors="replace")
+    while chunk := child.read(fd, 4096):
         chunks.append(chunk)
-    stopped = _state(pid) in ("T", "t")
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    if stopped:
-        raise user_error("sshd", "stopped by a signal before it started", pid)
-    raise node_error("sshd", f"did not start within {timeout:g} s", pid)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _late(pid: int, user: User, timeout: float) -> ShifterError:
+    """Whose fault a child that has not exec'd sshd in time is: once it has the user's
+    uid, the user's (they may stop or trace it); before, the node's."""
+    what = f"did not start within {timeout:g} s (sshdStartTimeout)"
+    where = f"pid {pid}, state {_state(pid)}"
+    if processes.owner(pid) == user.uid:
+        return user_error("sshd", f"{what}: stopped or traced by the job's owner", where)
+    return node_error("sshd", what, where)
 
 
 def port_holders(port: int) -> list[int]:
@@ -148,28 +153,30 @@ def _holds(pid: int, inodes: set[str]) -> bool:
         return False
 
 
-def wait_ready(pid: int, port: int, ssh_dir: int, timeout: float = 10.0) -> None:
+def wait_ready(pid: int, port: int, ssh_dir: int, left: float, timeout: float) -> None:
     """Until our sshd holds the IPv4 listener on ``port`` and it answers with a banner.
 
-    Whose fault a failure is decides whether the node drains: sshd killed or stopped
-    (it runs as the user, who may signal it), or the port taken by someone else, is
-    the job's problem; sshd failing on its own is the node's.
+    Whose fault a failure is decides whether the node drains: sshd killed, stopped
+    or traced (it runs as the user, who may do all three), a missed deadline
+    (``sshdStartTimeout``), or the port taken by someone else, is the job's problem;
+    sshd exiting on its own is the node's. ``left``: what remains of ``timeout``.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + left
+    while (left := deadline - time.monotonic()) > 0:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             _exited(status, port, _tail(ssh_dir))
         if _state(pid) in ("T", "t"):
             raise user_error("sshd", "stopped by a signal during start-up", pid)
         address = _our_ipv4_listener(pid, port)
-        if address is not None and _banner(address, port):
+        if address is not None and _banner(address, port, min(1.0, left)):
             return
         if address is None and _v4_taken_by_other(pid, port):
             raise user_error("sshd", f"port {port} is held by another process",
                              describe(port_holders(port)))  # fmt: skip
         time.sleep(0.005)
-    raise node_error("sshd", f"no SSH banner on port {port} after {timeout:.0f} s",
+    raise user_error("sshd", f"no SSH banner on port {port} within {timeout:g} s "
+                     "(sshdStartTimeout; sshd runs as the job's owner, who may hold it)",
                      _tail(ssh_dir))  # fmt: skip
 
 
@@ -219,9 +226,9 @@ def _state(pid: int) -> str:
     return raw[raw.rfind(b")") + 2 :][:1].decode()
 
 
-def _banner(address: str, port: int) -> bool:
+def _banner(address: str, port: int, timeout: float) -> bool:
     try:
-        with socket.create_connection((address, port), timeout=1) as sock:
+        with socket.create_connection((address, port), timeout=timeout) as sock:
             return sock.recv(64).startswith(b"SSH-2.0-")
     except OSError:
         return False
@@ -255,7 +262,7 @@ def free_port(port: int, exclusive: bool, job_id: str) -> None:
     holders = port_holders(port)
     if not holders:
         return
-    from . import log, processes
+    from . import log
 
     described = describe(holders)
     if any(processes.owner(pid) == 0 for pid in holders):
@@ -269,7 +276,7 @@ def free_port(port: int, exclusive: bool, job_id: str) -> None:
 
 
 def _leftover(pid: int, job_id: str) -> bool:
-    from . import processes, slurmstepd
+    from . import slurmstepd
 
     jobs = processes.slurm_jobs(pid)
     return jobs is not None and all(j == job_id or not slurmstepd.job_running(j) for j in jobs)

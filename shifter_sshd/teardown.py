@@ -59,7 +59,7 @@ def teardown(config: Settings, store: StateStore, job_id: str) -> bool:
     detached = sum(_detach(area, job_id) for area in (config.udi_mount, config.loop_mount))
     faults.inject("foreign mounts")
     if _loop_attached(state):
-        _free_foreign_copies(job_id, list(areas))
+        _free_foreign_copies(job_id, list(areas), config.kill_grace)
     after = mounts.mountinfo()
     clean = not any(mounts.under(area, after) for area in areas)
     _report(job_id, before, after, ours, detached)
@@ -121,12 +121,14 @@ def _rmdir(area: str, job_id: str) -> None:
         os.close(area_fd)
 
 
-def _free_foreign_copies(job_id: str, job_dirs: list[str]) -> None:
+def _free_foreign_copies(job_id: str, job_dirs: list[str], timeout: float) -> None:
     """Copies of our mounts in other mount namespaces keep the loop device busy."""
     for pid, targets in mounts.foreign_copies(job_dirs).items():
         log.info(f"teardown: job {job_id}: detaching {len(targets)} copied mount(s) in the "
                  f"mount namespace of pid {pid}")  # fmt: skip
-        mounts.unmount_in(pid, targets)
+        if not mounts.unmount_in(pid, targets, timeout):
+            log.warning(f"teardown: job {job_id}: could not detach the copies in the mount "
+                        f"namespace of pid {pid} within {timeout:g} s")  # fmt: skip
 
 
 def _loop_attached(state: JobState) -> bool:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import ctypes
 import os
 
-from . import processes
+from . import faults, processes
+from .userproc import UserChild
 from .users import User
 
 HOLDER = "/bin/sleep"
@@ -35,8 +36,12 @@ HOLDER_NAME = "shifter-sshd-userns"  # its argv[0], for ps
 CLONE_NEWUSER = 0x10000000
 
 
-def start(user: User) -> tuple[int, int]:
-    """Start the job's holder; (pid, start time), or (0, 0) when none can be made."""
+def start(user: User, timeout: float) -> tuple[int, int]:
+    """Start the job's holder; (pid, start time), or (0, 0) when none can be made.
+
+    The child is the user's from its ``setresuid`` on: stopped or traced before it
+    reports, it costs ``timeout`` seconds (``usernsTimeout``) and raises ``Timeout``.
+    """
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
@@ -45,15 +50,18 @@ def start(user: User) -> tuple[int, int]:
     os.close(ready_w)
     os.close(go_r)
     try:
-        if os.read(ready_r, 1) != b"u":
-            os.waitpid(pid, 0)
-            return 0, 0
-        _write_maps(pid, user)
-        os.write(go_w, b"m")
-    except OSError:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        return 0, 0
+        with UserChild(pid, timeout) as holder:
+            if holder.read(ready_r, 1) != b"u":
+                return 0, 0  # no user namespaces here: killed and reaped on the way out
+            try:
+                _write_maps(pid, user)
+            except OSError:
+                return 0, 0  # it died meanwhile (the user killed it)
+            os.write(go_w, b"m")
+            holder.wait_readable(ready_r)  # closed on exec: it runs the holder program
+            if os.read(ready_r, 1) != b"":
+                return 0, 0
+            holder.release()
     finally:
         os.close(ready_r)
         os.close(go_w)
@@ -81,11 +89,12 @@ def _holder(user: User, ready: int, go: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.unshare(CLONE_NEWUSER) != 0:
             os._exit(2)  # unprivileged user namespaces are off here
+        faults.inject("userns holder")
         os.write(ready, b"u")
         if os.read(go, 1) != b"m":
             os._exit(3)
-        os.close(ready)
         os.close(go)
+        os.set_inheritable(ready, False)  # closes on exec: the parent sees EOF
         os.execv(HOLDER, [HOLDER_NAME, "infinity"])  # noqa: S606 - a fixed program
     finally:
         os._exit(code)
