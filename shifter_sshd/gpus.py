@@ -24,6 +24,7 @@ from . import cdi, devfs, ldcache, log
 from . import privileged as priv
 from . import syscalls as sc
 from .errors import node_error, user_error
+from .fds import Fd
 from .rootpath import Root
 
 TYPE_CHECKING = False  # typing costs every prolog ~3 ms; mypy knows this name
@@ -244,17 +245,18 @@ class _Places:
         except FileNotFoundError:
             parent = self.directory(os.path.dirname(path))
             fd = priv.make_dir(parent, os.path.basename(path))
-        info = os.fstat(fd)
-        if info.st_uid != 0 or info.st_mode & 0o022:
-            os.close(fd)
-            raise user_error("gpus", "the image's directory for GPU files is not root's alone",
-                             path)  # fmt: skip
-        if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
-            fd = self._overlay(fd, path)
+        with Fd(fd) as owned:
+            info = os.fstat(owned.fd)
+            if info.st_uid != 0 or info.st_mode & 0o022:
+                raise user_error("gpus", "the image's directory for GPU files is not root's "
+                                 "alone", path)  # fmt: skip
+            read_only = os.fstatvfs(owned.fd).f_flag & os.ST_RDONLY
+            fd = self._overlay(owned.take(), path) if read_only else owned.take()
         self.opened[path] = fd
         return fd
 
     def _overlay(self, lower: int, path: str) -> int:
+        """An overlay on ``lower`` (which this closes); the overlay's descriptor."""
         number = len(self.opened)
         layers = {"lowerdir": lower}
         try:
@@ -293,12 +295,11 @@ def _bind(tree: Tree, folder: int, name: str, mount: cdi.Mount) -> None:
     except OSError as err:
         raise node_error("cdi", f"cannot open a spec's mount ({err.strerror})",
                          mount.host_path) from None  # fmt: skip
-    try:
+    with Fd(source):
         is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
         target = priv.make_dir(folder, name) if is_dir else _mount_point(folder, name)
-        volumes.bind(tree, source, target, "rw" not in mount.options, "rbind" in mount.options)
-    finally:
-        os.close(source)
+        with Fd(target):
+            volumes.bind(tree, source, target, "rw" not in mount.options, "rbind" in mount.options)
 
 
 def _mount_point(folder: int, name: str) -> int:

@@ -274,18 +274,26 @@ def step_sshd(s: Setup) -> None:
 
     assert s.user is not None
     sshd.free_port(s.config.sshd_port, s.exclusive is True, s.job.job_id)
-    pid = sshd.start(s.tree.root, s.user, sshfiles.SSHD_LOG)
+    timeout = s.config.sshd_start_timeout  # one deadline for the exec and the banner
+    until = time.monotonic() + timeout
+    pid = sshd.start(s.tree.root, s.user, sshfiles.SSHD_LOG, timeout)
     s.state.sshd_pid, s.state.sshd_start_time = pid, processes.start_time(pid) or 0
     s.store.save(s.state)
-    sshd.wait_ready(pid, s.config.sshd_port, s.tree.ssh)
+    sshd.wait_ready(pid, s.config.sshd_port, s.tree.ssh, until - time.monotonic(), timeout)
 
 
 def step_userns(s: Setup) -> None:
     """The user namespace every ``shifter`` of the job on this node joins (userns.py)."""
-    from . import userns
+    from . import userns, userproc
 
     assert s.user is not None
-    s.state.userns_pid, s.state.userns_start_time = userns.start(s.user)
+    timeout = s.config.userns_timeout
+    try:
+        s.state.userns_pid, s.state.userns_start_time = userns.start(s.user, timeout)
+    except userproc.Timeout:
+        raise user_error("userns", f"the user namespace holder did not start within {timeout:g} "
+                         "s (usernsTimeout): stopped or traced by the job's owner",
+                         s.user.name) from None  # fmt: skip
     if not s.state.userns_pid:
         log.warning(f"prolog: job {s.job.job_id}: no user namespace for shifter (unprivileged "
                     "user namespaces are off?): shifter will go through the sshd")  # fmt: skip
@@ -345,13 +353,17 @@ STEPS: list[tuple[str, Callable[[Setup], None]]] = [
 
 
 def run_steps(s: Setup) -> None:
-    """Each step in turn. An OSError no step turned into a user's error is the node's."""
+    """Each step in turn. An OSError no step turned into a user's error is the node's,
+    except EBADF: a bug of ours (an internal error, which drains nothing if the
+    rollback leaves the node clean)."""
     for name, step in STEPS:
         faults.inject(name)
         started = time.perf_counter()
         try:
             step(s)
         except OSError as err:
+            if err.errno == 9:  # EBADF: our own descriptor bookkeeping, never the node's
+                raise RuntimeError(f"step {name}: {err!r}") from err
             raise node_error("prolog", f"step {name} failed ({err.strerror})",
                              err.filename) from None  # fmt: skip
         s.timings.append((name, time.perf_counter() - started))

@@ -22,11 +22,14 @@ from . import privileged as priv
 from . import syscalls as sc
 from .config import SiteMount, parse_mount_spec
 from .errors import ShifterError, node_error, user_error
+from .fds import Fd
 from .rootfs import Tree
 from .users import User
 
 TYPE_CHECKING = False  # importing typing costs every prolog ~3 ms; mypy knows this name
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .asuser import Source
 
 VOLUME_FLAGS = ("ro", "rw")
@@ -111,30 +114,29 @@ def mount_site_fs(tree: Tree, site_fs: list[SiteMount]) -> None:
     """The site's binds: sources are the admin's paths, destinations resolved in-root."""
     for mount in site_fs:
         try:
-            source = os.open(mount.source, os.O_PATH | os.O_CLOEXEC)
+            source = Fd(os.open(mount.source, os.O_PATH | os.O_CLOEXEC))
         except OSError as err:
             raise node_error("siteFs", f"source unusable on this node ({err.strerror})",
                              mount.source) from None  # fmt: skip
-        try:
-            is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
-            target = _site_target(tree, mount.dest, is_dir)
-            bind(tree, source, target, mount.read_only, mount.recursive)
-        finally:
-            os.close(source)
+        with source:
+            is_dir = stat.S_ISDIR(os.fstat(source.fd).st_mode)
+            with Fd(_site_target(tree, mount.dest, is_dir)) as target:
+                bind(tree, source.fd, target.fd, mount.read_only, mount.recursive)
 
 
 def _site_target(tree: Tree, dest: str, is_dir: bool) -> int:
     """siteFs may follow the image's symlinks (inside the root); the image is immutable."""
     with tree.container() as container:
         try:
-            target = container.open(dest)
+            target = Fd(container.open(dest))
         except FileNotFoundError:
-            return _create(tree, canonical("siteFs", dest), is_dir, "siteFs", tree.writable)
+            return _walk(tree, canonical("siteFs", dest), is_dir, "siteFs", tree.writable)
         except OSError as err:
             raise user_error("siteFs", f"destination unusable in the image ({err.strerror})",
                              dest) from None  # fmt: skip
-    _check_kind(target, is_dir, dest, "siteFs")
-    return target
+    with target:
+        _check_kind(target.fd, is_dir, dest, "siteFs")
+        return target.take()
 
 
 # --- the user's volumes ---------------------------------------------------------------
@@ -154,8 +156,15 @@ def mount_user_volumes(tree: Tree, user: User, volumes: list[SiteMount], timeout
     try:
         for volume, source in zip(volumes, sources, strict=True):
             _check_source(volume, source, user)
-            target = _user_target(tree, volume.dest, stat.S_ISDIR(source.mode), user)
-            tree.volume_mounts.add(bind(tree, source.fd, target, volume.read_only, True))
+            is_dir = stat.S_ISDIR(source.mode)
+            check = _parent_check(tree, volume.dest, user)
+            with Fd(_walk(tree, volume.dest, is_dir, "--volume", {tree.root_id}, check)) as target:
+                try:
+                    mount_id = bind(tree, source.fd, target.fd, volume.read_only, True)
+                except OSError as err:  # e.g. a source under an unbindable mount
+                    raise user_error("--volume", f"cannot bind the source ({err.strerror})",
+                                     volume.source) from None  # fmt: skip
+            tree.volume_mounts.add(mount_id)
     finally:
         for source in sources:
             if source.fd >= 0:
@@ -183,66 +192,48 @@ def _check_source(volume: SiteMount, source: Source, user: User) -> None:
         raise user_error("--volume", f"source not writable by {user.name}", volume.source)
 
 
-def _user_target(tree: Tree, dest: str, is_dir: bool, user: User) -> int:
-    """Walk ``dest`` from the root one name at a time; see the module docstring."""
+def _parent_check(tree: Tree, dest: str, user: User) -> Callable[[int], None]:
+    """No destination below another volume or a directory the user can change."""
+
+    def check(fd: int) -> None:
+        mount_id = sc.mount_id(fd)
+        if mount_id in tree.volume_mounts:
+            raise user_error("--volume", "destination lies inside another volume", dest)
+        if mount_id in tree.image_mounts:
+            return  # the image's squashfs: nobody can change it
+        info = os.fstat(fd)
+        if (info.st_uid == user.uid or info.st_mode & 0o002
+                or (info.st_mode & 0o020 and info.st_gid in user.gids)):  # fmt: skip
+            raise user_error("--volume", "destination lies in a directory the user can write",
+                             dest)  # fmt: skip
+
+    return check
+
+
+# --- destinations -----------------------------------------------------------------------
+
+
+def _walk(tree: Tree, dest: str, is_dir: bool, where: str, on: set[int],
+          check: Callable[[int], None] | None = None) -> int:  # fmt: skip
+    """``dest`` opened from the root one name at a time, never through a symlink;
+    ``check`` sees each directory before a name in it is opened, and a missing rest
+    is created on one of the mounts ``on``. Returns an O_PATH descriptor."""
     parts = dest.strip("/").split("/")
-    current = os.dup(tree.root)
-    try:
+    with Fd(os.dup(tree.root)) as current:
         for depth, name in enumerate(parts):
-            _check_parent(tree, current, dest, user)
+            if check is not None:
+                check(current.fd)
             try:
-                child = priv.open_entry(current, name)
+                child = priv.open_entry(current.fd, name)
             except FileNotFoundError:
-                return _create_below(current, parts[depth:], is_dir, dest, "--volume",
-                                     {tree.root_id})  # fmt: skip
+                return _create_below(current.fd, parts[depth:], is_dir, dest, where, on)
             except OSError as err:
                 what = "destination passes through a symlink" if err.errno == 40 else (
                     f"destination unusable ({err.strerror})")  # fmt: skip
-                raise user_error("--volume", what, dest) from None
-            os.close(current)
-            current = child
-        _check_kind(current, is_dir, dest, "--volume")
-        target, current = current, -1
-        return target
-    finally:
-        if current >= 0:
-            os.close(current)
-
-
-def _check_parent(tree: Tree, fd: int, dest: str, user: User) -> None:
-    """No destination below another volume or a directory the user can change."""
-    mount_id = sc.mount_id(fd)
-    if mount_id in tree.volume_mounts:
-        raise user_error("--volume", "destination lies inside another volume", dest)
-    if mount_id in tree.image_mounts:
-        return  # the image's squashfs: nobody can change it
-    info = os.fstat(fd)
-    if (info.st_uid == user.uid or info.st_mode & 0o002
-            or (info.st_mode & 0o020 and info.st_gid in user.gids)):  # fmt: skip
-        raise user_error("--volume", "destination lies in a directory the user can write", dest)
-
-
-def _create(tree: Tree, dest: str, is_dir: bool, where: str, on: set[int]) -> int:
-    """Create a missing destination (on one of the mounts ``on``), walking from the root
-    without following anything."""
-    parts = dest.strip("/").split("/")
-    current = os.dup(tree.root)
-    try:
-        for depth, name in enumerate(parts):
-            try:
-                child = priv.open_entry(current, name)
-            except FileNotFoundError:
-                return _create_below(current, parts[depth:], is_dir, dest, where, on)
-            except OSError as err:
-                raise user_error(where, f"destination unusable ({err.strerror})", dest) from None
-            os.close(current)
-            current = child
-        _check_kind(current, is_dir, dest, where)
-        target, current = current, -1
-        return target
-    finally:
-        if current >= 0:
-            os.close(current)
+                raise user_error(where, what, dest) from None
+            current.replace(child)
+        _check_kind(current.fd, is_dir, dest, where)
+        return current.take()
 
 
 def _create_below(parent: int, missing: list[str], is_dir: bool, dest: str, where: str,
@@ -251,38 +242,30 @@ def _create_below(parent: int, missing: list[str], is_dir: bool, dest: str, wher
     (the root tmpfs for the user's volumes): never in the image or on a host filesystem."""
     if sc.mount_id(parent) not in on:
         raise user_error(where, "destination does not exist in the image", dest)
-    current = os.dup(parent)
     try:
-        for name in missing[:-1]:
-            child = priv.make_dir(current, name)
-            os.close(current)
-            current = child
-        if is_dir:
-            created = priv.make_dir(current, missing[-1])
-        else:
-            created = priv.make_file(current, missing[-1])
-        return created
-    finally:
-        os.close(current)
+        with Fd(os.dup(parent)) as current:
+            for name in missing[:-1]:
+                current.replace(priv.make_dir(current.fd, name))
+            if is_dir:
+                return priv.make_dir(current.fd, missing[-1])
+            return priv.make_file(current.fd, missing[-1])
+    except OSError as err:  # the container's own tmpfs: the request's doing (a long name)
+        raise user_error(where, f"cannot create the destination ({err.strerror})", dest) from None
 
 
 def _check_kind(fd: int, is_dir: bool, dest: str, where: str) -> None:
-    if stat.S_ISDIR(os.fstat(fd).st_mode) != is_dir:
-        os.close(fd)
+    """A directory onto a directory, a file onto a regular file (not a fifo or device)."""
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISDIR(mode) if is_dir else stat.S_ISREG(mode)):
         kind = "a directory" if is_dir else "a file"
         raise user_error(where, f"destination in the image is not {kind}", dest)
 
 
 def bind(tree: Tree, source: int, target: int, read_only: bool, recursive: bool) -> int:
-    """Bind (a recursive private copy of) ``source`` on ``target``; closes ``target``."""
+    """Bind (a recursive private copy of) ``source`` on ``target``; returns its mount id.
+    Both descriptors stay the caller's."""
     attrs = priv.NOSUID_NODEV | (sc.MOUNT_ATTR_RDONLY if read_only else 0)
-    try:
-        mount = priv.clone(source, attrs, recursive)
-        try:
-            mount_id = priv.attach(mount, target)
-        finally:
-            os.close(mount)
-    finally:
-        os.close(target)
+    with Fd(priv.clone(source, attrs, recursive)) as mount:
+        mount_id = priv.attach(mount.fd, target)
     tree.mounts += 1
     return mount_id
