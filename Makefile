@@ -15,7 +15,7 @@ export SHIFTER_SSHD_VENV := $(VENV)
 APT_PACKAGES := python3 python3-venv python3-dev gcc make squashfs-tools squashfs-tools-ng \
 	debootstrap busybox-static openssh-server openssh-client slurm-wlm slurmctld slurmd \
 	munge libslurm-dev iproute2 util-linux psmisc procps zstd xz-utils openmpi-bin mpich \
-	libopenmpi-dev libmpich-dev skopeo docker-registry apache2-utils
+	libopenmpi-dev libmpich-dev skopeo docker-registry apache2-utils squashfuse fuse3
 
 .PHONY: demo test setup lint typecheck pytest bench clean-lab
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import tempfile
 
 import pytest
 
@@ -78,9 +80,6 @@ def node(tmp_path: Path, image_store: ImageStore) -> Iterator[Node]:
 @pytest.fixture
 def user_tmp() -> Iterator[Path]:
     """A scratch directory the test users can reach (pytest's tmp_path is root-only)."""
-    import shutil
-    import tempfile
-
     path = Path(tempfile.mkdtemp(prefix="shifter-sshd-test-", dir="/var/tmp"))
     path.chmod(0o755)
     try:
@@ -104,6 +103,22 @@ def secret_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     done = run([CLI, "secret", "init", "--path", path], dict(os.environ))
     assert done.returncode == 0, done.stderr
     return path
+
+
+@pytest.fixture(scope="session")
+def racer() -> Iterator[str]:
+    """The racer, compiled where the test users can run it."""
+    directory = tempfile.mkdtemp(prefix="shifter-sshd-racer-", dir="/var/tmp")
+    os.chmod(directory, 0o755)
+    binary = os.path.join(directory, "racer")
+    source = str(Path(__file__).resolve().parent / "redteam" / "racer.c")
+    done = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", binary, source],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    try:
+        yield binary
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- the cluster tests' site and 3-node cluster (one of each per test module) ----------

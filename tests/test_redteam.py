@@ -2,7 +2,7 @@
 
 The job owner runs ``redteam/racer.c`` (as themselves) while prologs run: it swaps a
 directory and a symlink with renameat2(RENAME_EXCHANGE) millions of times a second,
-stops the prolog's helper, kills their own sshd. Each race scenario runs 50 prologs.
+kills their own sshd (stopping them: test_liveness.py). Each race scenario runs 50 prologs.
 Canaries on host paths (directory trees with owners, modes and contents, and a host
 mount) must come out unchanged; every prolog and epilog must exit 0 (a non-zero exit
 drains the node) and return in bounded time. Each test looks at the mount table only
@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,22 +30,6 @@ from lab.users import LabUser
 RACES = 50
 PYTHON = "/usr/bin/python3"  # the system's: the users cannot run root's pyenv
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="session")
-def racer() -> Iterator[str]:
-    """The racer, compiled where the test users can run it."""
-    directory = tempfile.mkdtemp(prefix="shifter-sshd-racer-", dir="/var/tmp")
-    os.chmod(directory, 0o755)
-    binary = os.path.join(directory, "racer")
-    source = str(HERE / "redteam" / "racer.c")
-    done = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", binary, source],
-                          capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    try:
-        yield binary
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def as_user(user: LabUser, argv: list[str]) -> list[str]:
@@ -361,26 +343,6 @@ def test_image_with_too_many_top_level_directories(
     assert "image: more than 256 top-level directories to bind (maxImageMounts): 303" in (
         done.stderr
     )
-
-
-def test_stopped_volume_helper_costs_the_deadline_only(
-    node: Node, test_users: list[LabUser], user_tmp: Path, racer: str
-) -> None:
-    user = test_users[0]
-    source = user_dir(user_tmp / "src", user)
-    node.write_config(volumeTimeout="2")
-    env = node.job_env("613", user.name, user.uid, user.gid, SPANK_SHIFTER_IMAGE=BUSYBOX,
-                       SPANK_SHIFTER_VOLUME=f"{source}:/data")  # fmt: skip
-    with Racer(user, [racer, "stop", "shifter-sshd"]) as race:
-        started = time.monotonic()
-        done = node.prolog(env)
-        elapsed = time.monotonic() - started
-    assert race.won > 0
-    assert done.returncode == 0, done.stderr
-    assert "took longer than 2 s (stopped, or a hung filesystem)" in done.stderr
-    assert elapsed < 20
-    assert node.epilog("613").returncode == 0
-    assert node.leftovers() == []
 
 
 def test_user_killing_their_sshd_during_the_prolog(

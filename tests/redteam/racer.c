@@ -5,6 +5,9 @@
  *                      a directory and a symlink trade places millions of times a second
  *   racer stop NAME    SIGSTOP every process of our uid whose comm starts with NAME
  *   racer kill NAME    SIGKILL every process of our uid whose comm starts with NAME
+ *   racer chaos SEED   forever: pick one of our processes (any name) at random and
+ *                      SIGSTOP, SIGCONT or SIGKILL it, pausing 0-2 ms between calls
+ *                      (benchmarks/soak_liveness.py: a job owner at her worst)
  *
  * Each runs until SIGTERM, then prints how many of its calls succeeded: a race test
  * whose racer never won a single call would prove nothing. Failures (a name missing
@@ -32,6 +35,18 @@ static void on_term(int sig)
 {
 	(void)sig;
 	stop_now = 1;
+}
+
+/* With chaos set, each matching process is signalled with probability 1/8, by a
+ * signal drawn at random: stop (3/8), continue (3/8) or kill (2/8). */
+static int chaos;
+
+static int chaos_signal(void)
+{
+	int draw = rand() % 64;
+	if (draw >= 8)
+		return 0;
+	return draw < 3 ? SIGSTOP : draw < 6 ? SIGCONT : SIGKILL;
 }
 
 static void for_each_own_process(int sig, const char *prefix)
@@ -63,7 +78,8 @@ static void for_each_own_process(int sig, const char *prefix)
 			if (strncmp(comm, prefix, strlen(prefix)) != 0)
 				continue;
 		}
-		if (kill(pid, sig) == 0)
+		int send = chaos ? chaos_signal() : sig;
+		if (send && kill(pid, send) == 0)
 			won++;
 	}
 	closedir(proc);
@@ -79,11 +95,18 @@ int main(int argc, char **argv)
 	} else if (argc == 3 && strcmp(argv[1], "stop") == 0) {
 		while (!stop_now)
 			for_each_own_process(SIGSTOP, argv[2]);
+	} else if (argc == 3 && strcmp(argv[1], "chaos") == 0) {
+		chaos = 1;
+		srand((unsigned)atoi(argv[2]));
+		while (!stop_now) {
+			for_each_own_process(0, NULL);
+			usleep((useconds_t)(rand() % 2000));
+		}
 	} else if (argc == 3 && strcmp(argv[1], "kill") == 0) {
 		while (!stop_now)
 			for_each_own_process(SIGKILL, argv[2]);
 	} else {
-		fprintf(stderr, "usage: racer swap A B | racer stop NAME | racer kill NAME\n");
+		fprintf(stderr, "usage: racer swap A B | racer stop NAME | racer kill NAME | racer chaos SEED\n");
 		return 2;
 	}
 	printf("%llu\n", won);
