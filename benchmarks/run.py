@@ -1,6 +1,7 @@
 """``make bench``: every benchmark in turn, each printing its own ratios.
 
-The soak (200 cycles, several minutes) runs with ``python -m benchmarks.soak``.
+The soaks (200 cycles, several minutes each) run with ``python -m benchmarks.soak`` and
+``python -m benchmarks.soak_liveness`` (the job owner stopping and killing her processes).
 """
 
 from __future__ import annotations
