@@ -344,8 +344,8 @@ def remote_command(p: Plan) -> str:
 
 def _copy_script(p: Plan) -> str:
     """Copy the host script into the container's /tmp; the remote shell unlinks it."""
-    tmp = sc.openat2(p.root_fd, "/tmp", os.O_PATH | os.O_DIRECTORY, RESOLVE)
     name = f".shifter-script-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = sc.openat2(p.root_fd, "/tmp", os.O_PATH | os.O_DIRECTORY, RESOLVE)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         out = os.open(name, flags, 0o600, dir_fd=tmp)

@@ -31,6 +31,7 @@ from . import privileged as priv
 from . import syscalls as sc
 from .config import Config
 from .errors import node_error, user_error
+from .fds import Fd
 from .rootpath import Root
 
 # Top-level names the prolog provides itself instead of binding the image's.
@@ -87,11 +88,11 @@ def _tmpfs(mode: str, attrs: int = priv.NOSUID_NODEV, size: str = "") -> int:
 
 def mount_scratch(tree: Tree, target_fd: int) -> int:
     """The scratch tmpfs (0700: root only); returns its mount id."""
-    mount = _tmpfs("0700")
-    mount_id = priv.attach(mount, target_fd)
-    tree.scratch = mount
+    with Fd(_tmpfs("0700")) as mount:
+        mount_id = priv.attach(mount.fd, target_fd)
+        tree.scratch = mount.take()
     for name in SCRATCH_DIRS:
-        os.close(priv.make_dir(mount, name))
+        os.close(priv.make_dir(tree.scratch, name))
     tree.mounts += 1
     return mount_id
 
@@ -100,16 +101,15 @@ def mount_root(tree: Tree, config: Config, target_fd: int, uid: int) -> int:
     """The container's / : 0750 root plus ``user:<uid>:r-x``, set before it is attached."""
     fstype = config.rootfs_type
     options = {"source": "shifter-sshd", "mode": "0750"}
-    mount = priv.new_mount(fstype, options, priv.NOSUID_NODEV)
-    try:
-        priv.grant_traverse(mount, uid)
-    except OSError as err:
-        os.close(mount)
-        raise node_error("rootfs", f"cannot set the root's ACL ({err.strerror}; {fstype} "
-                         "needs POSIX ACL support)", config.udi_mount) from None  # fmt: skip
-    tree.root_id = priv.attach(mount, target_fd)
-    tree.writable.add(tree.root_id)
-    tree.root = mount
+    with Fd(priv.new_mount(fstype, options, priv.NOSUID_NODEV)) as mount:
+        try:
+            priv.grant_traverse(mount.fd, uid)
+        except OSError as err:
+            raise node_error("rootfs", f"cannot set the root's ACL ({err.strerror}; {fstype} "
+                             "needs POSIX ACL support)", config.udi_mount) from None  # fmt: skip
+        tree.root_id = priv.attach(mount.fd, target_fd)
+        tree.writable.add(tree.root_id)
+        tree.root = mount.take()
     tree.mounts += 1
     return tree.root_id
 
@@ -129,54 +129,49 @@ def mount_image(tree: Tree, image_file: str) -> str:
         os.close(backing)
     try:
         options = {"source": device}  # /dev is root's: the name cannot be redirected
-        mount = priv.new_mount("squashfs", options, RO)
+        mount = Fd(priv.new_mount("squashfs", options, RO))
     except OSError as err:  # the store's file is not a squashfs the kernel accepts
         raise user_error("image mount", f"image cannot be mounted ({err.strerror})",
                          image_file) from None  # fmt: skip
     finally:
         os.close(device_fd)  # the mount holds the device now; autoclear frees it with it
-    target = priv.open_entry(tree.scratch, "image")
-    try:
-        priv.attach(mount, target)
-    finally:
-        os.close(target)
-    tree.image = mount
+    with mount, Fd(priv.open_entry(tree.scratch, "image")) as target:
+        priv.attach(mount.fd, target.fd)
+        tree.image = mount.take()
     tree.mounts += 1
     return device
 
 
 def bind_image_tree(tree: Tree, limit: int) -> None:
     """Bind the image's top-level directories; copy its top-level symlinks (merged /usr)."""
-    image = priv.reopen_dir(tree.image)
-    opt, opt_names = _image_opt(tree)
-    try:
-        names = [name for name in os.listdir(image) if name not in PROVIDED]
-        if len(names) + len(opt_names) > limit:
-            raise user_error("image", f"more than {limit} top-level directories to bind "
-                             "(maxImageMounts)", len(names) + len(opt_names))  # fmt: skip
-        for name in names:
-            _place(tree, image, name, tree.root)
-        if opt >= 0:
-            target = priv.make_dir(tree.root, "opt")
-            try:
-                for name in opt_names:
-                    _place(tree, opt, name, target)
-            finally:
-                os.close(target)
-    finally:
-        os.close(image)
-        if opt >= 0:
-            os.close(opt)
+    with Fd(priv.reopen_dir(tree.image)) as image:
+        opt, opt_names = _image_opt(tree)
+        with Fd(opt):  # -1 (no /opt) is nothing to close
+            names = [name for name in os.listdir(image.fd) if name not in PROVIDED]
+            if len(names) + len(opt_names) > limit:
+                raise user_error("image", f"more than {limit} top-level directories to bind "
+                                 "(maxImageMounts)", len(names) + len(opt_names))  # fmt: skip
+            for name in names:
+                _place(tree, image.fd, name, tree.root)
+            if opt >= 0:
+                target = priv.make_dir(tree.root, "opt")
+                try:
+                    for name in opt_names:
+                        _place(tree, opt, name, target)
+                finally:
+                    os.close(target)
 
 
 def _image_opt(tree: Tree) -> tuple[int, list[str]]:
     """The image's /opt (resolved inside the image) and its entries but udiImage."""
     try:
         with Root(tree.image) as image:
-            fd = image.open("opt", os.O_RDONLY | os.O_DIRECTORY)
+            opt = Fd(image.open("opt", os.O_RDONLY | os.O_DIRECTORY))
     except OSError:
         return -1, []
-    return fd, [name for name in os.listdir(fd) if name != "udiImage"]
+    with opt:
+        names = [name for name in os.listdir(opt.fd) if name != "udiImage"]
+        return opt.take(), names
 
 
 def _place(tree: Tree, parent: int, name: str, target_parent: int) -> None:
@@ -187,16 +182,12 @@ def _place(tree: Tree, parent: int, name: str, target_parent: int) -> None:
         elif stat.S_ISDIR(info.st_mode):
             source = priv.open_entry(parent, name)
             try:
-                mount = priv.clone(source, RO, recursive=False)
+                mount = Fd(priv.clone(source, RO, recursive=False))
             finally:
                 os.close(source)
-            target = priv.make_dir(target_parent, name)
-            try:
-                tree.image_mounts.add(priv.attach(mount, target))
+            with mount, Fd(priv.make_dir(target_parent, name)) as target:
+                tree.image_mounts.add(priv.attach(mount.fd, target.fd))
                 tree.mounts += 1
-            finally:
-                os.close(target)
-                os.close(mount)
     except OSError as err:
         raise user_error("image", f"cannot place a top-level entry ({err.strerror})",
                          name) from None  # fmt: skip
@@ -205,26 +196,22 @@ def _place(tree: Tree, parent: int, name: str, target_parent: int) -> None:
 def mount_overlays(tree: Tree) -> None:
     """/etc and /var: the image's, writable, with the changes kept in scratch."""
     for name in ("etc", "var"):
-        lower = _image_dir_or_empty(tree, name)
-        layers = {"lowerdir": lower}
-        for part in ("upper", "work"):
-            layers[f"{part}dir"] = priv.open_entry(tree.scratch, f"{name}.{part}")
+        layers = {"lowerdir": _image_dir_or_empty(tree, name)}
         try:
+            for part in ("upper", "work"):
+                layers[f"{part}dir"] = priv.open_entry(tree.scratch, f"{name}.{part}")
             options = {"source": f"shifter-{name}"} | {k: sc.fd_path(v) for k, v in layers.items()}
             try:
-                mount = priv.new_mount("overlay", options, priv.NOSUID_NODEV)
+                mount = Fd(priv.new_mount("overlay", options, priv.NOSUID_NODEV))
             except OSError as err:
                 raise user_error("image", f"cannot overlay the image's /{name} "
                                  f"({err.strerror})", name) from None  # fmt: skip
-            target = priv.make_dir(tree.root, name)
-            try:
-                tree.writable.add(priv.attach(mount, target))
-            finally:
-                os.close(target)
+            with mount, Fd(priv.make_dir(tree.root, name)) as target:
+                tree.writable.add(priv.attach(mount.fd, target.fd))
+                setattr(tree, name, mount.take())
         finally:
             for fd in layers.values():
                 os.close(fd)
-        setattr(tree, name, mount)
         tree.mounts += 1
 
 
@@ -271,28 +258,26 @@ def _clone_host(path: str, attrs: int, recursive: bool) -> int:
 
 
 def _attach_new(tree: Tree, parent: int, name: str, mount: int, keep: bool = False) -> int:
-    """Attach ``mount`` on a directory made (or found) in ``parent``."""
-    target = priv.make_dir(parent, name)
-    return _attach(tree, target, mount, keep)
+    """Attach ``mount`` on a directory made (or found) in ``parent``; closes it unless
+    ``keep`` (then it is the tree's)."""
+    with Fd(-1 if keep else mount):
+        return _attach(tree, priv.make_dir(parent, name), mount)
 
 
 def _attach_existing(tree: Tree, parent: int, name: str, mount: int, keep: bool = False) -> int:
     """Attach ``mount`` on an entry that must already exist in ``parent`` (host /dev)."""
-    try:
-        target = priv.open_entry(parent, name)
-    except OSError as err:
-        os.close(mount)
-        raise node_error("rootfs", f"/dev/{name} unusable ({err.strerror})", name) from None
-    return _attach(tree, target, mount, keep)
+    with Fd(-1 if keep else mount):
+        try:
+            target = priv.open_entry(parent, name)
+        except OSError as err:
+            raise node_error("rootfs", f"/dev/{name} unusable ({err.strerror})", name) from None
+        return _attach(tree, target, mount)
 
 
-def _attach(tree: Tree, target: int, mount: int, keep: bool) -> int:
-    try:
+def _attach(tree: Tree, target: int, mount: int) -> int:
+    """Attach ``mount`` on ``target``, which is closed; ``mount`` stays the caller's."""
+    with Fd(target):
         mount_id = priv.attach(mount, target)
-    finally:
-        os.close(target)
-        if not keep:
-            os.close(mount)
     tree.mounts += 1
     return mount_id
 
@@ -311,9 +296,9 @@ def mount_udiimage(tree: Tree, config: Config) -> str:
         mount = priv.clone(source, RO, recursive=False)
     finally:
         os.close(source)
+    tree.udi = mount  # the tree's from here: Tree.close closes it
     opt = priv.make_dir(tree.root, "opt")
     try:
-        tree.udi = mount
         _attach_new(tree, opt, "udiImage", mount, keep=True)
     finally:
         os.close(opt)

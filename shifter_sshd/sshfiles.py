@@ -20,6 +20,7 @@ from . import privileged as priv
 from . import syscalls as sc
 from .config import Config
 from .errors import node_error, user_error
+from .fds import Fd
 from .job import Job
 from .rootfs import RO, Tree
 from .rootpath import Root
@@ -72,23 +73,19 @@ def write_etc(
         "ssh_host_ed25519_key.pub": (key_set.host_public, 0o644),
         "ssh_user_ca.pub": (key_set.ca_public, 0o644),
     }  # fmt: skip
-    etc_dir = priv.make_dir(tree.scratch, "udiImage-etc")
-    for name, (data, mode) in files.items():
-        # sshd runs as the user and must read its host key; nobody else may.
-        owner = (user.uid, user.gid) if mode == 0o600 else (0, 0)
-        priv.write_file(etc_dir, name, data, mode, owner)
-    return etc_dir
+    with Fd(priv.make_dir(tree.scratch, "udiImage-etc")) as etc_dir:
+        for name, (data, mode) in files.items():
+            # sshd runs as the user and must read its host key; nobody else may.
+            owner = (user.uid, user.gid) if mode == 0o600 else (0, 0)
+            priv.write_file(etc_dir.fd, name, data, mode, owner)
+        return etc_dir.take()
 
 
 def install(tree: Tree, etc_dir: int, user: User, key_set: keys.NodeKeySet) -> None:
     """Bind the per-job etc, write the user's identity, put our ssh over the image's."""
-    mount = priv.clone(etc_dir, RO, recursive=False)
-    target = priv.open_entry(tree.udi, "etc")
-    try:
-        priv.attach(mount, target)
-    finally:
-        os.close(target)
-        os.close(mount)
+    mount = Fd(priv.clone(etc_dir, RO, recursive=False))
+    with mount, Fd(priv.open_entry(tree.udi, "etc")) as target:
+        priv.attach(mount.fd, target.fd)
     tree.ssh = _user_ssh_dir(tree)
     owner = (user.uid, user.gid)
     for path, data, mode in (
@@ -113,14 +110,11 @@ def _user_ssh_dir(tree: Tree) -> int:
             raise user_error("image", f"cannot make /var/shifter ({err.strerror})",
                              USER_SSH_DIR) from None  # fmt: skip
     options = {"source": "shifter-sshd", "mode": "0755", "size": "16m"}
-    mount = priv.new_mount("tmpfs", options, priv.NOSUID_NODEV | sc.MOUNT_ATTR_NOEXEC)
-    try:
-        priv.attach(mount, target)
+    attrs = priv.NOSUID_NODEV | sc.MOUNT_ATTR_NOEXEC
+    with Fd(target), Fd(priv.new_mount("tmpfs", options, attrs)) as mount:
+        priv.attach(mount.fd, target)
         tree.mounts += 1
-        return priv.make_dir(mount, "ssh", 0o700)
-    finally:
-        os.close(target)
-        os.close(mount)
+        return priv.make_dir(mount.fd, "ssh", 0o700)
 
 
 def _cover_image_clients(tree: Tree) -> None:
