@@ -55,9 +55,9 @@ def start(user: User, timeout: float) -> tuple[int, int]:
                 return 0, 0  # no user namespaces here: killed and reaped on the way out
             try:
                 _write_maps(pid, user)
+                os.write(go_w, b"m")  # EPIPE too: the user may kill it at any moment
             except OSError:
                 return 0, 0  # it died meanwhile (the user killed it)
-            os.write(go_w, b"m")
             holder.wait_readable(ready_r)  # closed on exec: it runs the holder program
             if os.read(ready_r, 1) != b"":
                 return 0, 0
