@@ -12,6 +12,7 @@ import os
 import sys
 import warnings  # noqa: F401 - os.execvpe imports it lazily: after chroot it would be gone
 
+from . import processes
 from . import syscalls as sc
 from .errors import ShifterError
 
@@ -218,13 +219,8 @@ def _join_job_namespace(p: Plan) -> bool:
 
 def _alive_since(pid: int) -> int:
     """The start time of ``pid`` while it lives; -1 when gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read()
-    except OSError:
-        return -1
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    return -1 if fields[0] in (b"Z", b"X") else int(fields[19])
+    stat = processes.read_stat(pid)
+    return -1 if stat is None or stat.state in ("Z", "X") else stat.start
 
 
 def _own_namespace() -> None:

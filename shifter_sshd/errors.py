@@ -62,3 +62,11 @@ def node_error(where: str, what: str, value: object = None) -> ShifterError:
 
 def usage_error(where: str, what: str, value: object = None) -> ShifterError:
     return ShifterError(where, what, value, Kind.USAGE)
+
+
+def reason(err: OSError) -> str:
+    """The error's plain meaning for a user's message: our syscall wrappers put the
+    call's name in ``strerror``, which means nothing to the job's owner."""
+    import os
+
+    return os.strerror(err.errno) if err.errno else str(err)

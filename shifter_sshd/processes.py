@@ -28,22 +28,48 @@ class Proc:
         self.name = name
 
 
-def _stat(pid: int) -> tuple[int, str, str] | None:
-    """(start time, command name, state) or None when the process is gone."""
+class Stat:
+    """The fields of ``/proc/<pid>/stat`` we use; ``read_stat`` is their one parser."""
+
+    __slots__ = ("name", "parent", "session", "start", "state")
+
+    def __init__(self, name: str, state: str, parent: int, session: int, start: int) -> None:
+        self.name = name
+        self.state = state  # R, S, D, T (stopped), t (traced), Z (zombie), X (dead)...
+        self.parent = parent
+        self.session = session
+        self.start = start  # clock ticks since boot: tells the process from a later one
+
+
+def read_stat(pid: int) -> Stat | None:
+    """``pid``'s stat, or None when it is gone. The command name may hold spaces and
+    parentheses, so the fields are counted from the last ``)``."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             raw = handle.read().decode("utf-8", errors="replace")
     except OSError:
         return None
-    name = raw[raw.find("(") + 1 : raw.rfind(")")]
     fields = raw[raw.rfind(")") + 2 :].split()
-    return int(fields[19]), name, fields[0]
+    name = raw[raw.find("(") + 1 : raw.rfind(")")]
+    return Stat(name, fields[0], int(fields[1]), int(fields[3]), int(fields[19]))
+
+
+def _stat(pid: int) -> tuple[int, str, str] | None:
+    """(start time, command name, state) or None when the process is gone."""
+    stat = read_stat(pid)
+    return None if stat is None else (stat.start, stat.name, stat.state)
 
 
 def start_time(pid: int) -> int | None:
     """The process's start time, which tells it from a later process with its pid."""
-    stat = _stat(pid)
-    return None if stat is None else stat[0]
+    stat = read_stat(pid)
+    return None if stat is None else stat.start
+
+
+def state(pid: int) -> str:
+    """``pid``'s state letter ('' when it is gone)."""
+    stat = read_stat(pid)
+    return "" if stat is None else stat.state
 
 
 def _under(path: str, areas: tuple[str, ...]) -> bool:
@@ -120,12 +146,8 @@ def _belongs(pid: int, root: str, areas: tuple[str, ...], uid: int, cgroup: set[
 
 def parent(pid: int) -> int | None:
     """The parent pid, or None when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read()
-    except OSError:
-        return None
-    return int(raw[raw.rfind(b")") + 2 :].split()[1])
+    stat = read_stat(pid)
+    return None if stat is None else stat.parent
 
 
 def owner(pid: int) -> int:

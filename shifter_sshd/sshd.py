@@ -110,7 +110,7 @@ def _late(pid: int, user: User, timeout: float) -> ShifterError:
     """Whose fault a child that has not exec'd sshd in time is: once it has the user's
     uid, the user's (they may stop or trace it); before, the node's."""
     what = f"did not start within {timeout:g} s (sshdStartTimeout)"
-    where = f"pid {pid}, state {_state(pid)}"
+    where = f"pid {pid}, state {processes.state(pid)}"
     if processes.owner(pid) == user.uid:
         return user_error("sshd", f"{what}: stopped or traced by the job's owner", where)
     return node_error("sshd", what, where)
@@ -118,14 +118,13 @@ def _late(pid: int, user: User, timeout: float) -> ShifterError:
 
 def port_holders(port: int) -> list[int]:
     """Pids holding a listening TCP socket on ``port`` (any address, v4 or v6)."""
-    inodes = {inode for _addr, inode in _listeners(port)}
+    return _pids_holding({inode for _addr, inode in _listeners(port)})
+
+
+def _pids_holding(inodes: set[str]) -> list[int]:
     if not inodes:
         return []
-    holders = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _holds(int(entry), inodes):
-            holders.append(int(entry))
-    return holders
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _holds(int(e), inodes)]
 
 
 def _listeners(port: int) -> list[tuple[str, str]]:
@@ -166,7 +165,7 @@ def wait_ready(pid: int, port: int, ssh_dir: int, left: float, timeout: float) -
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             _exited(status, port, _tail(ssh_dir))
-        if _state(pid) in ("T", "t"):
+        if processes.state(pid) in ("T", "t"):
             raise user_error("sshd", "stopped by a signal during start-up", pid)
         address = _our_ipv4_listener(pid, port)
         if address is not None and _banner(address, port, min(1.0, left)):
@@ -199,9 +198,22 @@ def _our_ipv4_listener(pid: int, port: int) -> str | None:
 
 
 def _v4_taken_by_other(pid: int, port: int) -> bool:
-    """Whether an IPv4 listener on ``port`` exists that is not our sshd's."""
-    return any(len(address) == 8 and not _holds(pid, {inode})
-               for address, inode in _listeners(port))  # fmt: skip
+    """Whether an IPv4 listener on ``port`` is held by a process that is not our sshd.
+
+    sshd forks a child for each connection (our banner check makes one) that holds the
+    listener until it closes it: while the racing owner stops or kills sshd, that child
+    may be its only holder. It is still in sshd's session (sshd leads the session we
+    made for it), so it counts as ours, not as another process on the port.
+    """
+    inodes = {inode for address, inode in _listeners(port)
+              if len(address) == 8 and not _holds(pid, {inode})}  # fmt: skip
+    if not inodes:
+        return False
+    for holder in _pids_holding(inodes):
+        stat = processes.read_stat(holder)
+        if stat is not None and stat.session != pid:
+            return True
+    return False
 
 
 def describe(pids: list[int]) -> str:
@@ -215,15 +227,6 @@ def describe(pids: list[int]) -> str:
         except OSError:
             continue
     return ", ".join(parts) or "unknown"
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read()
-    except OSError:
-        return ""
-    return raw[raw.rfind(b")") + 2 :][:1].decode()
 
 
 def _banner(address: str, port: int, timeout: float) -> bool:

@@ -21,7 +21,7 @@ import stat
 from . import privileged as priv
 from . import syscalls as sc
 from .config import SiteMount, parse_mount_spec
-from .errors import ShifterError, node_error, user_error
+from .errors import ShifterError, node_error, reason, user_error
 from .fds import Fd
 from .rootfs import Tree
 from .users import User
@@ -132,8 +132,8 @@ def _site_target(tree: Tree, dest: str, is_dir: bool) -> int:
         except FileNotFoundError:
             return _walk(tree, canonical("siteFs", dest), is_dir, "siteFs", tree.writable)
         except OSError as err:
-            raise user_error("siteFs", f"destination unusable in the image ({err.strerror})",
-                             dest) from None  # fmt: skip
+            why = reason(err)
+            raise user_error("siteFs", f"destination unusable in the image ({why})", dest) from None
     with target:
         _check_kind(target.fd, is_dir, dest, "siteFs")
         return target.take()
@@ -229,7 +229,7 @@ def _walk(tree: Tree, dest: str, is_dir: bool, where: str, on: set[int],
                 return _create_below(current.fd, parts[depth:], is_dir, dest, where, on)
             except OSError as err:
                 what = "destination passes through a symlink" if err.errno == 40 else (
-                    f"destination unusable ({err.strerror})")  # fmt: skip
+                    f"destination unusable ({reason(err)})")  # fmt: skip
                 raise user_error(where, what, dest) from None
             current.replace(child)
         _check_kind(current.fd, is_dir, dest, where)

@@ -226,7 +226,7 @@ CORPUS: dict[str, tuple[str | None, str | None]] = {
     "/opt/udiImage": ("destination may not cover /opt/udiImage",) * 2,
     "/var/hostsfile": ("destination may not cover /var/hostsfile",) * 2,
     "/tmp/x": ("destination lies in a directory the user can write",) * 2,
-    "/" + "n" * 300: ("destination unusable (openat2: File name too long)",) * 2,
+    "/" + "n" * 300: ("destination unusable (File name too long)",) * 2,
 }
 
 

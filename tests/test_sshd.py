@@ -262,3 +262,50 @@ def test_epilog_stops_sshd(
     time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
     assert node.leftovers() == []
+
+
+def _listener_in_a_session(port: int) -> tuple[int, int]:
+    """A session leader (standing in for sshd) that listens on ``port``, forks a child
+    holding the listener (as sshd's connection child does) and closes its own copy.
+    Returns (leader, child)."""
+    ready_r, ready_w = os.pipe()
+    leader = os.fork()
+    if leader == 0:
+        os.setsid()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        sock.close()
+        os.write(ready_w, str(child).encode())
+        time.sleep(60)
+        os._exit(0)
+    os.close(ready_w)
+    child = int(os.read(ready_r, 32))
+    os.close(ready_r)
+    return leader, child
+
+
+def test_sshds_own_connection_child_is_not_another_process_on_the_port() -> None:
+    """Under a racing owner, sshd's connection child can be the listener's only holder
+    for a moment: that is not "port held by another process" (soak_liveness saw it)."""
+    from shifter_sshd import sshd
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    leader, child = _listener_in_a_session(port)
+    try:
+        assert sshd.port_holders(port) == [child]
+        assert sshd._our_ipv4_listener(leader, port) is None
+        assert not sshd._v4_taken_by_other(leader, port)
+        # the same listener, seen from any other process, is someone else's
+        assert sshd._v4_taken_by_other(os.getpid(), port)
+    finally:
+        for pid in (child, leader):
+            os.kill(pid, 9)
+        os.waitpid(leader, 0)
