@@ -21,10 +21,10 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make squashfs-tools squashf
 
 # The commands start Python isolated (-I): a user's PYTHONHOME, PYTHONPATH or user
 # site-packages can neither break nor hijack shifter, nor the plugin's checks; the
-# prolog and epilog skip the site module too (shifter_sshd/launchers.py says why).
+# prolog and epilog skip the site module too (shifter_sshd/commands/launchers.py says why).
 setup: $(VENV)/.installed
 	@$(PY) -m pip install -q --no-deps --no-build-isolation . >/dev/null
-	@$(PY) -m shifter_sshd.launchers >/dev/null
+	@$(PY) -m shifter_sshd.commands.launchers >/dev/null
 
 # Debian starts sshd, munged, slurmd and slurmctld on install; the lab runs its own,
 # so a temporary policy-rc.d (exit 101) keeps the packages' daemons from starting.

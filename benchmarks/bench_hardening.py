@@ -28,7 +28,7 @@ from .common import CLI, free_port
 
 PYTHON = os.path.join(VENV, "bin", "python")
 CHECKOUT = Path(__file__).resolve().parent.parent
-ENTRY = "import sys; from shifter_sshd.entry import {0}; sys.exit({0}())"
+ENTRY = "import sys; from shifter_sshd.commands.entry import {0}; sys.exit({0}())"
 BEFORE = "cf9838f"
 
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from shifter_sshd import keys
+from shifter_sshd.ssh import keys
 
 SHIFTER_TYPES = ("dsa", "ecdsa", "rsa", "ed25519")
 KEYSETS_PER_ROUND = 50
@@ -72,7 +72,7 @@ def import_only() -> float:
     """Seconds for a fresh interpreter to import the module alone (cryptography is lazy)."""
     code = (
         "import time; t = time.perf_counter()\n"
-        "import shifter_sshd.keys\n"
+        "import shifter_sshd.ssh.keys\n"
         "print(time.perf_counter() - t)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

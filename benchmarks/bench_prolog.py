@@ -127,7 +127,7 @@ def bench_image(work: Path, name: str, squashfs: str, rounds: int) -> None:
     for round_number in range(rounds + 1):  # round 0 warms up
         prolog, err = _timed([PROLOG, "--config", str(config)], env)
         epilog, _ = _timed([EPILOG, "--config", str(config)], {"SLURM_JOB_ID": "9"})
-        start_up, _ = _timed([PYTHON, "-c", "import shifter_sshd.prolog"])
+        start_up, _ = _timed([PYTHON, "-c", "import shifter_sshd.lifecycle.prolog"])
         script_up, _ = _timed(["sh", str(setup), *script_args])
         script_down, _ = _timed(["sh", str(teardown), *script_args[:2]])
         if round_number == 0:

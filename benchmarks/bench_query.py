@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from lab.vcluster import Cluster
-from shifter_sshd import slurm
+from shifter_sshd.slurm import query as slurm
 
 QUEUES = (10, 1_000, 10_000)
 

@@ -18,7 +18,9 @@ import statistics
 import time
 from collections.abc import Callable
 
-from shifter_sshd import hostsfile, slurm, sshconfig
+from shifter_sshd.container import hostsfile
+from shifter_sshd.slurm import query as slurm
+from shifter_sshd.ssh import config as sshconfig
 
 SIZES = (10, 100, 1_000, 10_000)
 CPUS = 64

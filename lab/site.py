@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shifter_sshd import spank
+from shifter_sshd.slurm import spank
 
 from . import VENV, images, slurmroots
 from .machine import BOOT_ID

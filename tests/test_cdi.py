@@ -17,8 +17,9 @@ from support import CLI, Node, in_root, run
 
 from lab import fakegpu
 from lab.users import LabUser
-from shifter_sshd import cdi, cdigen, gpus, ldcache
 from shifter_sshd.errors import Kind, ShifterError
+from shifter_sshd.gpu import cdi, cdigen, ldcache
+from shifter_sshd.gpu import plan as gpus
 
 NODE = {"deviceNodes": [{"path": "/dev/x0"}]}
 MINIMAL = {"cdiVersion": "0.5.0", "kind": "example.com/gpu",

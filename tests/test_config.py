@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support import CLI
 
-from shifter_sshd import config
+from shifter_sshd.config import udiroot as config
 from shifter_sshd.errors import ShifterError
 
 SHIFTER_SITE_FILE = """\

@@ -18,7 +18,7 @@ from support import Node
 from test_sshd import _start
 
 from lab.users import LabUser
-from shifter_sshd.prolog import STEPS
+from shifter_sshd.lifecycle.prolog import STEPS
 
 TEARDOWN_STEPS = (
     "stop sshd",

@@ -11,8 +11,8 @@ import pytest
 from support import CLI
 
 from lab import images
-from shifter_sshd import image
 from shifter_sshd.errors import ShifterError
+from shifter_sshd.image import store as image
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

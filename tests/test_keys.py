@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.serialization import (
 from support import wait_for_banner
 
 from lab.users import ensure_users
-from shifter_sshd import keys
 from shifter_sshd.errors import Kind, ShifterError
+from shifter_sshd.ssh import keys
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_PYTHON = "/opt/shifter-sshd/venv/bin/python"
@@ -544,6 +544,6 @@ def test_host_name_not_in_the_host_certificate_is_refused(server: Server) -> Non
 
 def test_keys_module_imports_without_cryptography() -> None:
     """The prolog imports this module on paths that never derive a key."""
-    code = "import sys, shifter_sshd.keys; print('cryptography' in sys.modules)"
+    code = "import sys, shifter_sshd.ssh.keys; print('cryptography' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "False", out.stderr

@@ -12,9 +12,18 @@ from pathlib import Path
 import pytest
 from test_config import _render_cle6, _render_example, _render_parser_test
 
-from shifter_sshd import config, epilog, quickconf
+from shifter_sshd.config import quick as quickconf
+from shifter_sshd.config import udiroot as config
 from shifter_sshd.errors import ShifterError
-from shifter_sshd.state import FIELDS, JobState, StateStore, _read_flat, from_dict, new_state
+from shifter_sshd.lifecycle import epilog
+from shifter_sshd.lifecycle.state import (
+    FIELDS,
+    JobState,
+    StateStore,
+    _read_flat,
+    from_dict,
+    new_state,
+)
 
 VENV = os.environ.get("SHIFTER_SSHD_VENV", "/opt/shifter-sshd/venv")
 
@@ -134,15 +143,17 @@ def test_state_fields_of_the_wrong_type_take_their_defaults() -> None:
 
 def test_epilog_imports_nothing_heavy() -> None:
     """dataclasses, re, json, signal, typing, enum: each costs the epilog 1-8 ms."""
-    code = ("import sys, shifter_sshd.entry, shifter_sshd.epilog, shifter_sshd.teardown\n"
+    code = ("import sys, shifter_sshd.commands.entry, shifter_sshd.lifecycle.epilog\n"
+            "import shifter_sshd.lifecycle.teardown\n"
             "print(' '.join(sorted(sys.modules)))")  # fmt: skip
     python = os.path.join(VENV, "bin", "python")
     done = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True,
                           check=True, cwd="/")  # fmt: skip
     loaded = set(done.stdout.split())
-    assert "shifter_sshd.teardown" in loaded
+    assert "shifter_sshd.lifecycle.teardown" in loaded
     heavy = {"dataclasses", "re", "json", "signal", "typing", "enum", "inspect", "glob",
-             "shifter_sshd.config", "shifter_sshd.rootfs", "shifter_sshd.sshd"}  # fmt: skip
+             "shifter_sshd.config.udiroot", "shifter_sshd.container.rootfs",
+             "shifter_sshd.ssh.sshd"}  # fmt: skip
     assert loaded & heavy == set()
 
 
@@ -153,7 +164,7 @@ def test_a_job_without_a_container_ends_without_teardowns_modules(tmp_path: Path
     config.write_text(f"udiMount={tmp_path}/u\nloopMount={tmp_path}/l\nstatePath={tmp_path}/s\n")
     code = ("import sys\nfrom shifter_sshd import epilog\n"
             f"rc = epilog.main({str(config)!r}, {{'SLURM_JOB_ID': '5'}})\n"
-            "print(rc, 'shifter_sshd.teardown' in sys.modules, 'ctypes' in sys.modules)"
+            "print(rc, 'shifter_sshd.lifecycle.teardown' in sys.modules, 'ctypes' in sys.modules)"
             )  # fmt: skip
     python = os.path.join(VENV, "bin", "python")
     done = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, check=True,

@@ -20,7 +20,7 @@ from support import Node
 
 from lab import VENV
 from lab.users import GROUP_GID, LabUser
-from shifter_sshd import shifter
+from shifter_sshd.commands import shifter
 from shifter_sshd.errors import ShifterError
 
 SHIFTER = os.path.join(VENV, "bin", "shifter")
@@ -349,7 +349,7 @@ def test_sshd_fallback_script(sshd_job: Job) -> None:
 
 
 def test_quick_state_path_agrees_with_the_config_parser(tmp_path: Path) -> None:
-    from shifter_sshd import config
+    from shifter_sshd.config import udiroot as config
 
     texts = ["", "statePath=/run/x\n", "statePath = /run/y/ # comment\nudiMount=/var/u\n",
              "  # statePath=/c\nstatePath=/run/q\n",
@@ -372,7 +372,7 @@ def test_quick_state_path_agrees_with_the_config_parser(tmp_path: Path) -> None:
 def test_disabled_user_namespaces_are_detected(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from shifter_sshd import enter
+    from shifter_sshd.commands import enter
 
     switch = tmp_path / "max_user_namespaces"
     monkeypatch.setattr(enter, "SYSCTLS", (str(tmp_path / "absent"), str(switch)))

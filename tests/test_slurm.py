@@ -1,4 +1,4 @@
-"""shifter_sshd.slurm against a real Slurm 22.05 cluster, and node lists against Slurm's.
+"""shifter_sshd.slurm.query against a real Slurm 22.05 cluster, and node lists against Slurm's.
 
 A stand-in Prolog runs ``slurm.query`` exactly as the real prolog would (as root, from
 slurmd, with no PATH) and leaves the answer in a node-private directory; each test
@@ -19,10 +19,10 @@ import pytest
 
 from lab import VENV
 from lab.vcluster import Cluster
-from shifter_sshd import slurm
+from shifter_sshd.container.hostsfile import expand_nodelist
 from shifter_sshd.errors import ShifterError
-from shifter_sshd.hostsfile import expand_nodelist
-from shifter_sshd.job import expand_cpus_per_node
+from shifter_sshd.slurm import query as slurm
+from shifter_sshd.slurm.job import expand_cpus_per_node
 
 pytestmark = pytest.mark.cluster  # make test runs these on every Slurm version
 

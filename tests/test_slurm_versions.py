@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lab.slurmroots import VERSIONS
-from shifter_sshd import slurm
+from shifter_sshd.slurm import query as slurm
 
 FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
 CASES = sorted(FIXTURES.glob("*/*.json"))

