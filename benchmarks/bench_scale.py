@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from shifter_sshd.container import hostsfile
+from shifter_sshd.slurm import hostlist
 from shifter_sshd.slurm import query as slurm
 from shifter_sshd.ssh import config as sshconfig
 
@@ -39,7 +40,7 @@ def steps(n: int) -> list[tuple[str, Callable[[], object]]]:
     hosts = [node for node, _tasks in allocation]
     client = sshconfig.SshClientSettings(hosts=hosts, port=PORT, user="sstest1")
     found: list[tuple[str, Callable[[], object]]] = [
-        ("expand node list", lambda: hostsfile.expand_nodelist(nodes)),
+        ("expand node list", lambda: hostlist.expand_nodelist(nodes)),
         ("allocation (slots)", lambda: hostsfile.slots(nodes, cpus, "nid00001")),
         ("tasks per node", lambda: slurm.distribute([CPUS] * n, n * CPUS)),
     ]

@@ -373,13 +373,14 @@ def test_disabled_user_namespaces_are_detected(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from shifter_sshd.commands import enter
+    from shifter_sshd.kernel import syscalls
 
     switch = tmp_path / "max_user_namespaces"
-    monkeypatch.setattr(enter, "SYSCTLS", (str(tmp_path / "absent"), str(switch)))
+    monkeypatch.setattr(syscalls, "SYSCTLS", (str(tmp_path / "absent"), str(switch)))
     switch.write_text("15000\n")
-    assert enter.sysctl_refusal() is None
+    assert syscalls.sysctl_refusal() is None
     switch.write_text("0\n")
-    assert enter.sysctl_refusal() == f"{enter.DISABLED} ({switch} is 0)"
+    assert syscalls.sysctl_refusal() == f"{enter.DISABLED} ({switch} is 0)"
 
 
 def test_split_shebang(tmp_path: Path) -> None:

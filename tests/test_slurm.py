@@ -19,10 +19,9 @@ import pytest
 
 from lab import VENV
 from lab.vcluster import Cluster
-from shifter_sshd.container.hostsfile import expand_nodelist
 from shifter_sshd.errors import ShifterError
 from shifter_sshd.slurm import query as slurm
-from shifter_sshd.slurm.job import expand_cpus_per_node
+from shifter_sshd.slurm.hostlist import expand_cpus_per_node, expand_nodelist
 
 pytestmark = pytest.mark.cluster  # make test runs these on every Slurm version
 

@@ -6,14 +6,14 @@ import pytest
 
 from shifter_sshd.container import hostsfile, volumes
 from shifter_sshd.errors import ShifterError
-from shifter_sshd.slurm import job
+from shifter_sshd.slurm import hostlist
 
 
 def test_cpus_per_node() -> None:
-    assert job.expand_cpus_per_node("2(x3),1", 4) == [2, 2, 2, 1]
-    assert job.expand_cpus_per_node("", 2) == [1, 1]
+    assert hostlist.expand_cpus_per_node("2(x3),1", 4) == [2, 2, 2, 1]
+    assert hostlist.expand_cpus_per_node("", 2) == [1, 1]
     with pytest.raises(ShifterError, match="lists 1 nodes, not 2"):
-        job.expand_cpus_per_node("4", 2)
+        hostlist.expand_cpus_per_node("4", 2)
 
 
 def test_hostsfile_lines() -> None:

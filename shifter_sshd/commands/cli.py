@@ -57,11 +57,12 @@ def _slurm_conf(given: str | None) -> str:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from ..config import udiroot as config_mod
     from ..ops import doctor
+    from ..ops.findings import Finding
 
     try:
         loaded = config_mod.load(args.config)
     except ShifterError as err:
-        found = [doctor.Finding("config", str(err).removeprefix("shifter-sshd: "), True)]
+        found = [Finding("config", str(err).removeprefix("shifter-sshd: "), True)]
     else:
         found = doctor.run(loaded, _slurm_conf(args.slurm_conf) or None)
     print(doctor.report(found, args.json))

@@ -19,14 +19,13 @@ from ..kernel import syscalls as sc
 # typing costs ~9 ms to import, a third of shifter's start; mypy knows this name.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .shifter import Container
+    from ..lifecycle.record import Container
 
 CLONE_NEWUSER = 0x10000000
 RESOLVE = sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS
-DISABLED = "unprivileged user namespaces are disabled here"
+DISABLED = sc.USERNS_DISABLED
 # unshare(CLONE_NEWUSER) errors that mean "not allowed here", not "shifter is broken".
 REFUSALS = {errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EUSERS, errno.EINVAL, errno.ENOSYS}
-SYSCTLS = ("/proc/sys/user/max_user_namespaces", "/proc/sys/kernel/unprivileged_userns_clone")
 FORCE_SSH = "SHIFTER_SSHD_FORCE_SSH"  # tests: take the sshd path as if userns were off
 SSH = "/usr/bin/ssh"
 SSH_IDENTITY = "/var/shifter/ssh/id_ed25519"
@@ -75,8 +74,6 @@ def plan(container: Container, argv: list[str], env: dict[str, str]) -> Plan:
 
 def _script_argument(argv: list[str]) -> int:
     """The index of a script whose shebang runs shifter (we are its interpreter), or -1."""
-    from .shifter import first_line
-
     index = next((i for i, arg in enumerate(argv) if i and not arg.startswith("-")), -1)
     if index < 0:
         return -1
@@ -150,7 +147,7 @@ def _visible(p: Plan, path: str, host: os.stat_result) -> bool:
 
 def enter(p: Plan, force_ssh: bool) -> int:
     """Exec CMD inside; returns only an exit status when that fails."""
-    reason = f"{DISABLED} ({FORCE_SSH} is set)" if force_ssh else sysctl_refusal()
+    reason = f"{DISABLED} ({FORCE_SSH} is set)" if force_ssh else sc.sysctl_refusal()
     if reason is None:
         try:
             enter_userns(p)
@@ -159,18 +156,6 @@ def enter(p: Plan, force_ssh: bool) -> int:
             reason = str(why)
     sys.stderr.write(f"shifter: {reason}; entering through the container's sshd\n")
     return exec_ssh(p)
-
-
-def sysctl_refusal() -> str | None:
-    """The kernel's switches for unprivileged user namespaces (Debian has a second)."""
-    for path in SYSCTLS:
-        try:
-            with open(path, encoding="ascii") as handle:
-                if handle.read().strip() == "0":
-                    return f"{DISABLED} ({path} is 0)"
-        except OSError:
-            continue
-    return None
 
 
 # --- the user namespace -----------------------------------------------------------------
@@ -353,3 +338,24 @@ def _copy_script(p: Plan) -> str:
     finally:
         os.close(out)
     return f"/tmp/{name}"
+
+
+def first_line(path: str) -> str:
+    """The first line of a small prefix of a host file; '' for anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        head = os.read(fd, 256) if _is_regular(fd) else b""
+    except OSError:
+        head = b""
+    finally:
+        os.close(fd)
+    return head.split(b"\n", 1)[0].decode(errors="replace")
+
+
+def _is_regular(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(os.fstat(fd).st_mode)

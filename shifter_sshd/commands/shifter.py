@@ -47,6 +47,8 @@ import os
 import sys
 
 from ..errors import ShifterError
+from ..lifecycle import record
+from ..lifecycle.record import Container
 
 # typing costs ~9 ms to import, a third of shifter's start; mypy knows this name.
 TYPE_CHECKING = False
@@ -60,62 +62,6 @@ JOB_NAMES = frozenset({"TERM", "USER", "LOGNAME", "HOME", "LANG"})
 USAGE = "usage: shifter [--image=NAME] [--volume=SPEC] [--] CMD [ARGS...]\n"
 
 
-class Container:
-    """The prolog's published description of this job's container (step_publish)."""
-
-    def __init__(self, job_id: str, raw: dict[str, object]) -> None:
-        self.job_id = job_id
-        self.root = _text(raw, "root")
-        self.uid = _number(raw, "uid")
-        self.image = _text(raw, "image")
-        self.image_id = _text(raw, "image_id")
-        self.volumes = _text(raw, "volumes")
-        self.workdir = str(raw.get("workdir") or "")
-        # The image's ENTRYPOINT + CMD (a pulled image), or import's --entrypoint (a shell
-        # command): what ``shifter`` runs when given no command. Absent before 0.4.
-        command = raw.get("command") or []
-        entrypoint = raw.get("entrypoint")
-        if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
-            raise _malformed("command")
-        if not command and isinstance(entrypoint, str) and entrypoint:
-            command = ["/bin/sh", "-c", entrypoint]
-        self.command: list[str] = command
-        self.sshd_port = _number(raw, "sshd_port")
-        holder = raw.get("userns") or [0, 0]  # absent in descriptions of earlier versions
-        if not (isinstance(holder, list) and len(holder) == 2
-                and all(isinstance(n, int) for n in holder)):  # fmt: skip
-            raise _malformed("userns")
-        self.userns: tuple[int, int] = (holder[0], holder[1])
-        env = raw.get("env")
-        if not isinstance(env, dict):
-            raise _malformed("env")
-        self.env = {str(k): str(v) for k, v in env.items()}
-
-    @property
-    def label(self) -> str:
-        """The image as the user knows it, for messages."""
-        return self.image or self.image_id[:12]
-
-
-def _text(raw: dict[str, object], name: str) -> str:
-    value = raw.get(name)
-    if not isinstance(value, str):
-        raise _malformed(name)
-    return value
-
-
-def _number(raw: dict[str, object], name: str) -> int:
-    value = raw.get(name)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _malformed(name)
-    return value
-
-
-def _malformed(name: str) -> ShifterError:
-    """A description this shifter cannot read: a prolog of another version, say."""
-    return ShifterError("container description", "missing or malformed field", name)
-
-
 # --- the command line -----------------------------------------------------------------
 
 
@@ -127,32 +73,13 @@ def split_shebang(args: list[str]) -> list[str]:
     """
     if len(args) < 2 or not any(c.isspace() for c in args[0]):
         return args
+    from .enter import first_line  # the script's first line: only for a joined shebang
+
     line = first_line(args[1])
     words = line[2:].strip().split(None, 1) if line.startswith("#!") else []
     if len(words) == 2 and words[1].strip() == args[0].strip():
         return [*args[0].split(), *args[1:]]
     return args
-
-
-def first_line(path: str) -> str:
-    """The first line of a small prefix of a host file; '' for anything else."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    try:
-        head = os.read(fd, 256) if _is_regular(fd) else b""
-    except OSError:
-        head = b""
-    finally:
-        os.close(fd)
-    return head.split(b"\n", 1)[0].decode(errors="replace")
-
-
-def _is_regular(fd: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
 def parse_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -203,42 +130,7 @@ def load_container(environ: Mapping[str, str]) -> Container:
     if not job_id.isdigit():
         raise ShifterError("job", "malformed SLURM_JOB_ID", job_id)
     directory = state_path(environ.get("SHIFTER_SSHD_CONFIG") or "/etc/shifter/udiRoot.conf")
-    try:
-        with open(os.path.join(directory, f"{job_id}.container"), encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        raise _no_container(directory, job_id) from None
-    except PermissionError:  # the prolog gives the description to the job's owner alone
-        raise ShifterError(f"job {job_id}", "the container belongs to another user, not to "
-                           "you", os.getuid()) from None  # fmt: skip
-    except OSError as err:
-        what = f"cannot read the container description ({err.strerror})"
-        raise ShifterError("job", what, job_id) from None
-    return Container(job_id, _decode(text, job_id))
-
-
-def _decode(text: str, job_id: str) -> dict[str, object]:
-    import json
-
-    try:
-        raw = json.loads(text)
-    except ValueError:
-        raw = None
-    if not isinstance(raw, dict):
-        raise ShifterError("job", "malformed container description", job_id)
-    return raw
-
-
-def _no_container(directory: str, job_id: str) -> ShifterError:
-    try:
-        with open(os.path.join(directory, f"{job_id}.error"), encoding="utf-8") as handle:
-            reason = handle.read().strip()
-    except OSError:
-        reason = ""
-    if reason:
-        return ShifterError(f"job {job_id}", "the container could not be prepared", reason)
-    return ShifterError(f"no prepared container for job {job_id} on this node",
-                        "was the job submitted with --image?")  # fmt: skip
+    return record.load(directory, job_id)
 
 
 def check_request(container: Container, options: dict[str, str], uid: int) -> None:

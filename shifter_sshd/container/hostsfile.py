@@ -1,50 +1,14 @@
 """/var/hostsfile and friends: the allocation, as MPI launchers want to read it.
 
-Node lists are expanded with ClusterShell's NodeSet (31 ms to import), but only when
-the list is compressed (``node[1-3]``); a plain list is split by hand.
+The node list and the CPU counts come from Slurm's compressed forms (slurm/hostlist.py).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from ..errors import user_error
-from ..slurm.job import expand_cpus_per_node
-
-
-def expand_nodelist(text: str) -> list[str]:
-    """Slurm's order, which SLURM_JOB_CPUS_PER_NODE follows.
-
-    ClusterShell's NodeSet sorts what it is given, Slurm does not (``n[3,1]`` is
-    n3, n1), so every comma-separated part, outside brackets and inside them, is
-    expanded on its own, in place, and only single ranges reach NodeSet.
-    """
-    if "[" not in text:
-        return [n for n in text.split(",") if n]
-    from ClusterShell.NodeSet import NodeSet, NodeSetParseError
-
-    nodes: list[str] = []
-    try:
-        for term in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", text):
-            for single in _split_brackets(term):
-                nodes += list(NodeSet(single))
-    except NodeSetParseError as err:
-        raise user_error("job environment", f"malformed node list ({err})", text) from None
-    return nodes
-
-
-def _split_brackets(term: str) -> list[str]:
-    """``n[3,1-2]-[5,4]`` -> n[3]-[5], n[3]-[4], n[1-2]-[5], n[1-2]-[4] (Slurm's order)."""
-    match = re.search(r"\[([^\]]*,[^\]]*)\]", term)
-    if match is None:
-        return [term]
-    head, tail = term[: match.start()], term[match.end() :]
-    return [
-        single
-        for part in match.group(1).split(",")
-        for single in _split_brackets(f"{head}[{part}]{tail}")
-    ]
+from ..slurm.hostlist import expand_cpus_per_node, expand_nodelist
 
 
 def slots(node_list: str, cpus_per_node: str, node_name: str) -> list[tuple[str, int]]:

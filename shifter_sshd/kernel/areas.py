@@ -12,7 +12,6 @@ from ..errors import node_error
 
 TYPE_CHECKING = False  # typing costs the epilog ~3 ms; mypy knows this name
 if TYPE_CHECKING:
-    from collections.abc import Mapping
     from typing import Protocol
 
     class Areas(Protocol):
@@ -22,17 +21,6 @@ if TYPE_CHECKING:
         def udi_mount(self) -> str: ...
         @property
         def loop_mount(self) -> str: ...
-
-
-def job_id_from_env(env: Mapping[str, str]) -> str:
-    """SLURM_JOB_ID, which names the job's directories: digits only."""
-    job_id = env.get("SLURM_JOB_ID", "")
-    if not job_id:
-        raise node_error("job environment", "missing variable (is this run by slurmd?)",
-                         "SLURM_JOB_ID")  # fmt: skip
-    if not (job_id.isascii() and job_id.isdigit() and len(job_id) <= 12):
-        raise node_error("job environment", "malformed SLURM_JOB_ID", job_id)
-    return job_id
 
 
 def job_dirs(areas: Areas, job_id: str) -> tuple[str, str]:

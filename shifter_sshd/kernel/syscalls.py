@@ -223,3 +223,21 @@ def _configure(device: str, file_fd: int, name: str) -> int:
         if err.errno == errno.EBUSY:
             return -1
         raise
+
+
+# --- what the kernel allows users ------------------------------------------------------
+
+USERNS_DISABLED = "unprivileged user namespaces are disabled here"
+SYSCTLS = ("/proc/sys/user/max_user_namespaces", "/proc/sys/kernel/unprivileged_userns_clone")
+
+
+def sysctl_refusal() -> str | None:
+    """The kernel's switches for unprivileged user namespaces (Debian has a second)."""
+    for path in SYSCTLS:
+        try:
+            with open(path, encoding="ascii") as handle:
+                if handle.read().strip() == "0":
+                    return f"{USERNS_DISABLED} ({path} is 0)"
+        except OSError:
+            continue
+    return None

@@ -18,7 +18,7 @@ import os
 from .. import log
 from ..config import quick as quickconf
 from ..errors import EXIT_NODE, EXIT_OK, ShifterError
-from ..kernel.areas import job_id_from_env
+from ..slurm.jobid import job_id_from_env
 
 
 def main(config_path: str | None = None, env: dict[str, str] | None = None) -> int:

@@ -24,7 +24,7 @@ from ..gpu import plan as gpus
 from ..image import store as image
 from ..kernel import areas
 from ..slurm import job as job_mod
-from . import teardown
+from . import record, teardown
 from .state import JobState, StateStore, new_state
 
 TYPE_CHECKING = False  # importing typing costs every prolog ~3 ms; mypy knows this name
@@ -309,15 +309,14 @@ def step_publish(s: Setup) -> None:
     """Tell the user's ``shifter`` command where the container is and what it holds."""
     assert s.image is not None and s.user is not None
     meta = s.image.metadata
-    s.store.publish(s.job.job_id, {
-        "job_id": s.job.job_id, "root": s.state.root, "uid": s.user.uid,
-        "image": s.job.image or "", "image_id": s.image.id,
-        "volumes": s.job.volumes, "modules": list(s.job.modules),
-        "env": s.env,
-        "workdir": meta.workdir, "entrypoint": meta.entrypoint, "command": list(meta.command),
-        "sshd_port": s.config.sshd_port if s.key_set is not None else 0,
-        "userns": [s.state.userns_pid, s.state.userns_start_time],
-    }, s.user.uid)  # fmt: skip
+    s.store.publish(s.job.job_id, record.fields(
+        job_id=s.job.job_id, root=s.state.root, uid=s.user.uid,
+        image=s.job.image or "", image_id=s.image.id,
+        volumes=s.job.volumes, modules=list(s.job.modules), env=s.env,
+        workdir=meta.workdir, entrypoint=meta.entrypoint, command=list(meta.command),
+        sshd_port=s.config.sshd_port if s.key_set is not None else 0,
+        userns=(s.state.userns_pid, s.state.userns_start_time),
+    ), s.user.uid)  # fmt: skip
 
 
 STEPS: list[tuple[str, Callable[[Setup], None]]] = [

@@ -98,10 +98,14 @@ class StateStore:
         return os.path.join(self.directory, f"{job_id}.json")
 
     def error_path(self, job_id: str) -> str:
-        return os.path.join(self.directory, f"{job_id}.error")
+        from .record import error_file
+
+        return os.path.join(self.directory, error_file(job_id))
 
     def container_path(self, job_id: str) -> str:
-        return os.path.join(self.directory, f"{job_id}.container")
+        from .record import container_file
+
+        return os.path.join(self.directory, container_file(job_id))
 
     def _write(self, name: str, data: bytes, owner: int, mode: int) -> None:
         """Atomically: a new file under a temporary name, owner and mode set, renamed."""
@@ -131,16 +135,18 @@ class StateStore:
         data = json.dumps(state.as_dict(), indent=0, separators=(",", ":")).encode()
         self._write(f"{state.job_id}.json", data, 0, 0o600)
 
-    def publish(self, job_id: str, description: dict[str, object], uid: int) -> None:
-        """The description ``shifter`` reads: the job user's alone."""
-        import json
+    def publish(self, job_id: str, fields: dict[str, object], uid: int) -> None:
+        """The record ``shifter`` reads (record.py): the job user's alone."""
+        from . import record
 
-        self._write(f"{job_id}.container", json.dumps(description).encode(), uid, 0o400)
+        self._write(record.container_file(job_id), record.encode(fields), uid, 0o400)
 
     def write_error(self, job_id: str, message: str, uid: int = 0) -> None:
         """The user's error, for the SPANK plugin (running as the user) to print."""
         text = message.replace("\n", " ") + "\n"
-        self._write(f"{job_id}.error", text.encode(errors="surrogateescape"), uid, 0o400)
+        from .record import error_file
+
+        self._write(error_file(job_id), text.encode(errors="surrogateescape"), uid, 0o400)
 
     def load(self, job_id: str) -> JobState | None:
         path = self.path(job_id)

@@ -14,28 +14,11 @@ import os
 import stat
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from ..config.udiroot import Config
 from ..errors import ShifterError
-
-
-@dataclass(frozen=True)
-class Finding:
-    check: str
-    detail: str
-    problem: bool  # False: a warning, the node still works
-
-
-Found = list[Finding]
-
-
-def _problem(found: Found, check: str, detail: str) -> None:
-    found.append(Finding(check, detail, True))
-
-
-def _warning(found: Found, check: str, detail: str) -> None:
-    found.append(Finding(check, detail, False))
+from .findings import Finding, Found, problem, warning
 
 
 def _owned_safely(found: Found, check: str, path: str, readable_by_all: bool) -> None:
@@ -43,10 +26,10 @@ def _owned_safely(found: Found, check: str, path: str, readable_by_all: bool) ->
     try:
         info = os.stat(path)
     except OSError as err:
-        _problem(found, check, f"{path}: {err.strerror}")
+        problem(found, check, f"{path}: {err.strerror}")
         return
     if info.st_uid != 0 or info.st_mode & 0o022:
-        _problem(
+        problem(
             found,
             check,
             f"{path}: must be root's and not group/other-writable "
@@ -54,7 +37,7 @@ def _owned_safely(found: Found, check: str, path: str, readable_by_all: bool) ->
         )
     needed = 0o005 if stat.S_ISDIR(info.st_mode) else 0o004
     if readable_by_all and info.st_mode & needed != needed:
-        _problem(
+        problem(
             found,
             check,
             f"{path}: users must be able to read it (mode {stat.S_IMODE(info.st_mode):o})",
@@ -70,7 +53,7 @@ def config_paths(config: Config) -> Found:
     _owned_safely(found, "imagePath", config.image_path, readable_by_all=True)
     if config.enable_sshd:
         if not os.path.isdir(config.opt_udi_image):
-            _problem(
+            problem(
                 found,
                 "optUdiImage",
                 f"{config.opt_udi_image}: missing (run shifter-sshd udiimage build)",
@@ -79,16 +62,16 @@ def config_paths(config: Config) -> Found:
             _owned_safely(found, "optUdiImage", config.opt_udi_image, readable_by_all=True)
         _secret(found, config)
     if config.etc_path and not os.path.isdir(config.etc_path):
-        _problem(found, "etcPath", f"{config.etc_path}: not a directory")
+        problem(found, "etcPath", f"{config.etc_path}: not a directory")
     site_fs = [*config.site_fs, *(m for module in config.modules for m in module.site_fs)]
     for mount in site_fs:
         if not os.path.exists(mount.source):
-            _problem(found, "siteFs", f"{mount.source}: source does not exist on this node")
+            problem(found, "siteFs", f"{mount.source}: source does not exist on this node")
     from .. import users
 
     for name in config.users_to_import:
         if users.lookup_name(name) is None:
-            _problem(found, "usersToImport", f"{name}: no such user on this node")
+            problem(found, "usersToImport", f"{name}: no such user on this node")
     for key, path in (("statePath", config.state_path), ("udiMount", config.udi_mount),
                       ("loopMount", config.loop_mount)):  # fmt: skip
         if os.path.exists(path):
@@ -102,7 +85,7 @@ def _secret(found: Found, config: Config) -> None:
     try:
         keys.load_secret(config.ssh_key_secret)
     except ShifterError as err:
-        _problem(found, "sshKeySecret", str(err).removeprefix("shifter-sshd: "))
+        problem(found, "sshKeySecret", str(err).removeprefix("shifter-sshd: "))
 
 
 # --- the kernel, the bundle, the port, this installation -------------------------------
@@ -114,17 +97,17 @@ def kernel() -> Found:
         known = {line.split()[-1] for line in handle if line.strip()}
     for fstype in ("squashfs", "overlay", "tmpfs", "devpts", "proc"):
         if fstype not in known:
-            _problem(found, "kernel", f"filesystem {fstype} not available (modprobe {fstype}?)")
+            problem(found, "kernel", f"filesystem {fstype} not available (modprobe {fstype}?)")
     if not os.path.exists("/dev/loop-control"):
-        _problem(found, "kernel", "no /dev/loop-control (modprobe loop)")
+        problem(found, "kernel", "no /dev/loop-control (modprobe loop)")
     _try(found, "openat2 (Linux 5.6)", _openat2)
     _try(found, "the new mount API and mount_setattr (Linux 5.12)", _mount_api)
     _try(found, "POSIX ACLs on tmpfs (CONFIG_TMPFS_POSIX_ACL)", _tmpfs_acl)
-    from ..commands.enter import sysctl_refusal
+    from ..kernel.syscalls import sysctl_refusal
 
     refusal = sysctl_refusal()
     if refusal:
-        _warning(
+        warning(
             found,
             "kernel",
             f"{refusal}: shifter goes through the sshd (no PMI-2, no "
@@ -137,7 +120,7 @@ def _try(found: Found, what: str, probe: Callable[[], None]) -> None:
     try:
         probe()
     except OSError as err:
-        _problem(found, "kernel", f"{what} does not work: {err.strerror or err}")
+        problem(found, "kernel", f"{what} does not work: {err.strerror or err}")
 
 
 def _openat2() -> None:
@@ -181,7 +164,7 @@ def bundle(config: Config) -> Found:
         try:
             udiimage.self_check(Path(udiimage.current(config.opt_udi_image)), Path(work))
         except ShifterError as err:
-            _problem(found, "optUdiImage", str(err).removeprefix("shifter-sshd: "))
+            problem(found, "optUdiImage", str(err).removeprefix("shifter-sshd: "))
     return found
 
 
@@ -197,7 +180,7 @@ def port(config: Config) -> Found:
     ours = {s.sshd_pid for job in store.job_ids() if (s := store.load(job))}
     others = [pid for pid in sshd.port_holders(config.sshd_port) if pid not in ours]
     if others:
-        _problem(found, "sshdPort", f"{config.sshd_port} is held by {sshd.describe(others)}")
+        problem(found, "sshdPort", f"{config.sshd_port} is held by {sshd.describe(others)}")
     return found
 
 
@@ -214,10 +197,10 @@ def installation() -> Found:
             with open(script, "rb") as handle:
                 first = handle.readline()
         except OSError:
-            _problem(found, "installation", f"{script}: missing")
+            problem(found, "installation", f"{script}: missing")
             continue
         if not first.rstrip().endswith((b" -I", b" -IS")):
-            _warning(
+            warning(
                 found,
                 "installation",
                 f"{script}: Python not started isolated (-I): a "
@@ -237,7 +220,7 @@ def cdi_specs(config: Config) -> Found:
     try:
         cdi.registry(config.cdi_spec_dirs)
     except ShifterError as err:
-        _problem(found, "cdi", str(err).removeprefix("shifter-sshd: "))
+        problem(found, "cdi", str(err).removeprefix("shifter-sshd: "))
     return found
 
 

@@ -13,7 +13,7 @@ import os
 
 from ..config.udiroot import Config
 from ..slurm import conf as slurmconf
-from .doctor import Finding, Found
+from .findings import Finding, Found
 
 
 def slurm(config: Config, path: str) -> Found:

@@ -10,10 +10,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import node_error, user_error
-from ..kernel.areas import job_id_from_env
-
-_CPUS = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
+from ..errors import node_error
+from .jobid import job_id_from_env
 
 
 @dataclass(frozen=True)
@@ -64,22 +62,3 @@ def from_env(env: Mapping[str, str]) -> Job:
         volumes=env.get("SPANK_SHIFTER_VOLUME", ""),
         modules=tuple(m for m in re.split(r"[,\s]+", modules) if m),
     )
-
-
-def expand_cpus_per_node(text: str, nodes: int) -> list[int]:
-    """``2(x3),1`` -> [2, 2, 2, 1]; Slurm's compressed SLURM_JOB_CPUS_PER_NODE."""
-    counts: list[int] = []
-    for part in filter(None, text.split(",")):
-        match = _CPUS.match(part.strip())
-        if not match:
-            raise user_error("job environment", "malformed SLURM_JOB_CPUS_PER_NODE", text)
-        counts += [int(match.group(1))] * int(match.group(2) or 1)
-    if not counts:
-        return [1] * nodes
-    if len(counts) != nodes:
-        raise node_error(
-            "job environment",
-            f"SLURM_JOB_CPUS_PER_NODE lists {len(counts)} nodes, not {nodes}",
-            text,
-        )
-    return counts

@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import log
-from ..container.hostsfile import expand_nodelist
 from ..errors import ShifterError, node_error
-from ..kernel.areas import job_id_from_env
-from .job import expand_cpus_per_node
+from .hostlist import expand_cpus_per_node, expand_nodelist
+from .jobid import job_id_from_env
 
 SQUEUE = "/usr/bin/squeue"
 WHERE = "slurm"
