@@ -109,7 +109,7 @@ def make(nodes: list[Node], modes: dict[str, int] | None = None) -> int:
         for path, mode in (modes or {}).items():
             directory = _directory(mount, path.split("/"))
             try:
-                os.fchmod(directory, mode & 0o7777)
+                priv.set_mode(directory, mode)
             finally:
                 os.close(directory)
     except BaseException:

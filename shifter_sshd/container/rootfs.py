@@ -121,7 +121,7 @@ def mount_image(tree: Tree, image_file: str) -> str:
     except OSError as err:
         raise node_error("image mount", f"cannot open ({err.strerror})", image_file) from None
     try:
-        device, device_fd = sc.attach_loop(backing, image_file)
+        device, device_fd = priv.attach_loop(backing, image_file)
     except OSError as err:
         raise node_error("image mount", f"cannot attach a loop device ({err.strerror})",
                          image_file) from None  # fmt: skip

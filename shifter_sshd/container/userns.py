@@ -28,6 +28,7 @@ import ctypes
 import os
 
 from .. import faults
+from ..kernel import privileged as priv
 from ..kernel import processes
 from ..kernel.userproc import UserChild
 from ..users import User
@@ -103,11 +104,4 @@ def _holder(user: User, ready: int, go: int) -> None:
 
 def _write_maps(pid: int, user: User) -> None:
     """The user's own ids, written by root: the groups too, setgroups denied."""
-    gids = list(dict.fromkeys(user.gids))
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{user.uid} {user.uid} 1\n"),
-                       ("gid_map", "".join(f"{g} {g} 1\n" for g in gids))):  # fmt: skip
-        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
+    priv.write_id_maps(pid, user.uid, list(dict.fromkeys(user.gids)))

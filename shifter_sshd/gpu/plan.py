@@ -292,16 +292,12 @@ def _bind(tree: Tree, folder: int, name: str, mount: cdi.Mount) -> None:
     says rw; nosuid and nodev always (``volumes.bind``, as for siteFs)."""
     from ..container import volumes
 
-    try:
-        source = os.open(mount.host_path, os.O_PATH | os.O_CLOEXEC)
-    except OSError as err:
-        raise node_error("cdi", f"cannot open a spec's mount ({err.strerror})",
-                         mount.host_path) from None  # fmt: skip
-    with Fd(source):
-        is_dir = stat.S_ISDIR(os.fstat(source).st_mode)
-        target = priv.make_dir(folder, name) if is_dir else _mount_point(folder, name)
-        with Fd(target):
-            volumes.bind(tree, source, target, "rw" not in mount.options, "rbind" in mount.options)
+    def target_for(is_dir: bool) -> int:
+        return priv.make_dir(folder, name) if is_dir else _mount_point(folder, name)
+
+    volumes.bind_host_path(tree, mount.host_path, ("cdi", "cannot open a spec's mount"),
+                           target_for, "rw" not in mount.options,
+                           "rbind" in mount.options)  # fmt: skip
 
 
 def _mount_point(folder: int, name: str) -> int:
@@ -311,7 +307,7 @@ def _mount_point(folder: int, name: str) -> int:
     except FileNotFoundError:
         return priv.make_file(folder, name)
     except OSError:  # a symlink: replaced in the overlay's upper layer
-        os.unlink(name, dir_fd=folder)
+        priv.remove_entry(folder, name)
         return priv.make_file(folder, name)
 
 
@@ -330,7 +326,7 @@ def _replace_link(folder: int, name: str, target: str) -> None:
         if not stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
             log.info(f"gpus: {name} exists and is not a symlink: left as it is")
             return
-        os.unlink(name, dir_fd=folder)
+        priv.remove_entry(folder, name)
     except FileNotFoundError:
         pass
     priv.symlink(folder, name, target)

@@ -256,3 +256,62 @@ def detach(area_fd: int, name: str) -> int:
 def remove_dir(area_fd: int, name: str) -> None:
     """rmdir, never a recursive delete: what is left behind a mount stays."""
     os.rmdir(_name(name), dir_fd=area_fd)
+
+
+# --- files the job path writes outside the container ------------------------------------
+
+
+def replace_file(dir_fd: int, name: str, data: bytes, owner: int, mode: int) -> None:
+    """``name`` replaced atomically (statePath's files): a new file under a temporary
+    name, owner and mode set, renamed over it; readers see the old or the new whole."""
+    tmp = f".{_name(name)}.{os.getpid()}.tmp"
+    try:
+        os.unlink(tmp, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, _WRITE, 0o600, dir_fd=dir_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchown(fd, owner, -1)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def remove_entry(dir_fd: int, name: str) -> None:
+    """Unlink ``name`` (never a directory) in ``dir_fd``: an image's file we replace."""
+    os.unlink(_name(name), dir_fd=dir_fd)
+
+
+def set_mode(fd: int, mode: int) -> None:
+    """The permission bits of a directory we made (devfs), on its descriptor."""
+    os.fchmod(fd, mode & 0o7777)
+
+
+# --- loop devices and user namespaces -----------------------------------------------------
+
+
+def attach_loop(backing_fd: int, name: str) -> tuple[str, int]:
+    """A read-only autoclear loop device over ``backing_fd``: (its /dev name, an open fd).
+    The mount made from it holds it from then on; autoclear frees it with the mount."""
+    return sc.attach_loop(backing_fd, name)
+
+
+def write_id_maps(pid: int, uid: int, gids: list[int]) -> None:
+    """setgroups deny, then the uid and gid maps of our child ``pid`` (the userns holder,
+    not yet reaped, so the pid cannot name another process): each file opened below
+    one descriptor on /proc/<pid>, never by a path looked up twice."""
+    proc = os.open(f"/proc/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1\n"),
+                           ("gid_map", "".join(f"{g} {g} 1\n" for g in gids))):  # fmt: skip
+            fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+    finally:
+        os.close(proc)

@@ -198,24 +198,12 @@ def step_udiimage(s: Setup) -> None:
 
 def step_site_fs(s: Setup) -> None:
     site_fs = [*s.config.site_fs, *(m for module in s.modules for m in module.site_fs)]
-    volumes.mount_site_fs(s.tree, [*site_fs, *_slurm_spool(s)])
-
-
-def _slurm_spool(s: Setup) -> list[SiteMount]:
-    """SlurmdSpoolDir at its own path, read-write: PMIx's rendezvous and shared-memory
-    store (``pmix.<job>.<step>``, made there for each step later) for ``srun --mpi=pmix
-    shifter``. The user reaches nothing there they could not reach on the host."""
     conf = s.job_env.get("SLURM_CONF", "")
-    if not conf:
-        return []
-    from ..slurm import conf as slurmconf
+    if conf:
+        from ..slurm import conf as slurmconf
 
-    spool = slurmconf.spool_dir(conf, s.job.node_name)
-    if not os.path.isdir(spool):
-        log.warning(f"prolog: SlurmdSpoolDir {spool} is not a directory: PMIx steps in "
-                    "containers will fall back to slower exchanges")  # fmt: skip
-        return []
-    return [SiteMount(spool, spool, read_only=False, recursive=True)]
+        site_fs += slurmconf.spool_mounts(conf, s.job.node_name)
+    volumes.mount_site_fs(s.tree, site_fs)
 
 
 def step_user_volumes(s: Setup) -> None:

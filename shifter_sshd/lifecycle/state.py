@@ -110,22 +110,11 @@ class StateStore:
     def _write(self, name: str, data: bytes, owner: int, mode: int) -> None:
         """Atomically: a new file under a temporary name, owner and mode set, renamed."""
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
-        tmp = f".{name}.{os.getpid()}.tmp"
+        from ..kernel import privileged
+
         directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            try:
-                os.unlink(tmp, dir_fd=directory)
-            except FileNotFoundError:
-                pass
-            fd = os.open(tmp, flags, 0o600, dir_fd=directory)
-            try:
-                os.write(fd, data)
-                os.fchown(fd, owner, -1)
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-            os.rename(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+            privileged.replace_file(directory, name, data, owner, mode)
         finally:
             os.close(directory)
 

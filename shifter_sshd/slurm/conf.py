@@ -12,6 +12,10 @@ import socket
 
 from ..errors import node_error
 
+TYPE_CHECKING = False  # typing costs the prolog ~3 ms; mypy knows this name
+if TYPE_CHECKING:
+    from ..config.udiroot import SiteMount
+
 REQUIRED = "PrologFlags=Contain (or RunInJob) and ProctrackType=proctrack/cgroup"
 DEFAULT_SPOOL = "/var/spool/slurmd"  # Slurm's compiled-in SlurmdSpoolDir
 
@@ -81,3 +85,19 @@ def check_containment(slurm_conf: str, wanted: bool, job_id: str) -> None:
     if problems:
         raise node_error("slurm.conf", f"the container sshd needs {REQUIRED} "
                          "(or sshdJobContainment=0)", "; ".join(problems))  # fmt: skip
+
+
+def spool_mounts(conf: str, node_name: str) -> list[SiteMount]:
+    """SlurmdSpoolDir at its own path, read-write: PMIx's rendezvous and shared-memory
+    store (``pmix.<job>.<step>``, made there for each step later) for ``srun --mpi=pmix
+    shifter``. The user reaches nothing there they could not reach on the host."""
+    from ..config.udiroot import SiteMount
+
+    spool = spool_dir(conf, node_name)
+    if not os.path.isdir(spool):
+        from .. import log
+
+        log.warning(f"prolog: SlurmdSpoolDir {spool} is not a directory: PMIx steps in "
+                    "containers will fall back to slower exchanges")  # fmt: skip
+        return []
+    return [SiteMount(spool, spool, read_only=False, recursive=True)]

@@ -105,7 +105,7 @@ def _user_ssh_dir(tree: Tree) -> int:
         target = priv.make_dir(tree.var, "shifter")
     except OSError:  # a file or symlink of the image's: it goes (in the /var overlay only)
         try:
-            os.unlink("shifter", dir_fd=tree.var)
+            priv.remove_entry(tree.var, "shifter")
             target = priv.make_dir(tree.var, "shifter")
         except OSError as err:
             raise user_error("image", f"cannot make /var/shifter ({err.strerror})",
