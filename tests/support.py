@@ -12,6 +12,9 @@ from pathlib import Path
 
 from lab import VENV
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout
+TESTS = REPO / "tests"
+
 CLI = os.path.join(VENV, "bin", "shifter-sshd")
 
 

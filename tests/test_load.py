@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 
 from conftest import BUSYBOX
+from sshjob import _start
 from support import Node
-from test_sshd import _start
 
 from lab.users import LabUser
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import wait_for_banner
+from support import REPO, wait_for_banner
 
 from lab.images import busybox_tree
 from lab.users import LabUser, ensure_users
@@ -274,7 +274,7 @@ def test_templates_come_from_the_bundle_else_the_sources(container: Container) -
     built = container.bundle / "share" / "templates"
     assert sshconfig.template_dir(str(container.bundle)) == built
     assert sshconfig.template_dir("/nonexistent") == sshconfig.source_dir()
-    assert sshconfig.source_dir() == Path(__file__).resolve().parent.parent / "udiImage"
+    assert sshconfig.source_dir() == REPO / "udiImage"
 
 
 # --- logging in -------------------------------------------------------------------------

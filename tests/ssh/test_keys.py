@@ -28,13 +28,12 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     load_ssh_private_key,
 )
-from support import wait_for_banner
+from support import REPO, wait_for_banner
 
 from lab.users import ensure_users
 from shifter_sshd.errors import Kind, ShifterError
 from shifter_sshd.ssh import keys
 
-REPO = Path(__file__).resolve().parent.parent
 VENV_PYTHON = "/opt/shifter-sshd/venv/bin/python"
 SECRET = bytes(range(64))
 START = 1_700_000_000

@@ -13,9 +13,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from support import TESTS
 
 from lab import VENV
 from lab.vcluster import Cluster
@@ -47,7 +47,7 @@ RECORD = (
     "                     if k.startswith(('SLURM_', 'SPANK_'))}}\n"
     "print(json.dumps(found))\n"
 )
-FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
+FIXTURES = TESTS / "fixtures" / "slurm"
 RECORD_FIXTURES = "SHIFTER_SSHD_RECORD_SLURM_FIXTURES"  # =1: write what each version said
 # slurmd gives the Prolog no PATH: absolute paths only, as in the real one.
 PROLOG = f"""#!/bin/sh

@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+from support import TESTS
 
 from lab.slurmroots import VERSIONS
 from shifter_sshd.slurm import query as slurm
 
-FIXTURES = Path(__file__).parent / "fixtures" / "slurm"
+FIXTURES = TESTS / "fixtures" / "slurm"
 CASES = sorted(FIXTURES.glob("*/*.json"))
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import BUSYBOX
+from sshjob import _start
 from support import Node
-from test_sshd import _start
 
 from lab.users import LabUser
 from shifter_sshd.lifecycle.prolog import STEPS

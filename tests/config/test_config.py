@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import CLI
+from support import CLI, REPO, TESTS
 
 from shifter_sshd.config import udiroot as config
 from shifter_sshd.errors import ShifterError
@@ -70,7 +70,7 @@ def test_shifter_site_file_parses_with_warnings() -> None:
     assert any("roothook" in w for w in parsed.warnings)
 
 
-FIXTURES = Path(__file__).parent / "fixtures" / "shifter"
+FIXTURES = TESTS / "fixtures" / "shifter"
 
 
 def _render_example() -> str:
@@ -319,14 +319,14 @@ def test_config_path_resolution(tmp_path: Path) -> None:
 
 
 def test_every_key_is_documented() -> None:
-    reference = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    reference = (REPO / "docs" / "configuration.md").read_text()
     for key in list(config.KEYS) + [f"module_<name>_{k}" for k in config.MODULE_KEYS]:
         assert f"`{key}`" in reference, key
 
 
 def test_our_own_example_parses_cleanly() -> None:
     """etc/udiRoot.conf.example, what admins start from: every key known, no warning."""
-    example = Path(__file__).resolve().parents[1] / "etc" / "udiRoot.conf.example"
+    example = REPO / "etc" / "udiRoot.conf.example"
     parsed = config.load(str(example))
     assert parsed.warnings == ()
     assert parsed.cdi_spec_dirs == ("/etc/cdi", "/var/run/cdi")

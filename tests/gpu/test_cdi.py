@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEBIAN
-from support import CLI, Node, in_root, run
+from support import CLI, TESTS, Node, in_root, run
 
 from lab import fakegpu
 from lab.users import LabUser
@@ -223,7 +223,7 @@ def test_the_real_gpu_check_passes_on_fake_gpus(driver_dir: Path) -> None:
            "GPU_CHECK_SMI": str(driver_dir / "bin" / "nvidia-smi"),
            "GPU_CHECK_LIBS": str(driver_dir / "lib"), "GPU_CHECK_SPECS": str(driver_dir / "cdi"),
            "GPU_CHECK_SMI_IN": "/usr/bin/nvidia-smi"}  # fmt: skip
-    script = Path(__file__).parent / "gpu" / "check.sh"
+    script = TESTS / "gpu" / "check.sh"
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
                           timeout=300, check=False)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

