@@ -131,11 +131,10 @@ def _openat2() -> None:
 
 def _mount_api() -> None:
     from ..kernel import privileged as priv
-    from ..kernel import syscalls as sc
 
     mount = priv.new_mount("tmpfs", {"source": "shifter-sshd-doctor"}, priv.NOSUID_NODEV)
     try:
-        sc.mount_setattr(mount, sc.MOUNT_ATTR_RDONLY, recursive=True)
+        priv.set_read_only(mount)
     finally:
         os.close(mount)
 
