@@ -1,7 +1,7 @@
 """shifter-sshd: a per-job container root with an sshd only the job owner can enter.
 
-The package is split one module per concern; the prolog and epilog (``prolog.py``,
-``epilog.py``) read as lists of steps, each a call into one of those modules.
+The package is split one module per concern; the prolog and epilog (``lifecycle/prolog.py``,
+``lifecycle/epilog.py``) read as lists of steps, each a call into one of those modules.
 Modules import lazily because the prolog is on every job's start path.
 """
 

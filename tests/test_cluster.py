@@ -282,7 +282,7 @@ def _upgrade_while(cluster: Cluster, site: Site, job: int, go: Path) -> None:
         done = subprocess.run(build, capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr
     assert bundle.resolve() != used and used.is_dir()  # kept for the running job
-    module = Path(VENV_SITE_PACKAGES, "shifter_sshd", "teardown.py")
+    module = Path(VENV_SITE_PACKAGES, "shifter_sshd", "lifecycle/teardown.py")
     inode = module.stat().st_ino
     reinstall = subprocess.run(["make", "-C", str(CHECKOUT), "setup"], capture_output=True,
                                text=True, check=False)  # fmt: skip

@@ -165,7 +165,7 @@ def enter_userns(p: Plan) -> None:
     """The job's user namespace on this node (else one of our own), then chroot.
 
     Every ``shifter`` of the job joins the namespace the prolog's holder keeps
-    (userns.py), so ranks of one node can share memory (CMA, /proc/<pid>/fd). When
+    (container/userns.py), so ranks of one node can share memory (CMA, /proc/<pid>/fd). When
     the holder is gone, a namespace of our own still runs the command. Raises
     Unavailable when no user namespace can be had at all.
     """

@@ -109,7 +109,7 @@ def parse_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def state_path(config_path: str) -> str:
-    """statePath from udiRoot.conf, the one key shifter needs (quickconf.py says why)."""
+    """statePath from udiRoot.conf, the one key shifter needs (config/quick.py says why)."""
     from ..config import quick as quickconf
 
     text = quickconf.read_text(config_path)

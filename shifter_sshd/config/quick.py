@@ -1,13 +1,13 @@
-"""The few udiRoot.conf keys that ``shifter`` and the epilog need, read without config.py.
+"""The few udiRoot.conf keys that ``shifter`` and the epilog need, read without config/udiroot.py.
 
-config.py is the one parser of udiRoot.conf: every key, its default, its errors.
+config/udiroot.py is the one parser of udiRoot.conf: every key, its default, its errors.
 Loading it costs about 20 ms (dataclasses, re), more than the interpreter's own
 start, on every task start and every job end. These readers apply the same syntax
 (comments only at line start, ``key=value``, surrounding blanks dropped) to files
-without the unusual: anything they cannot read exactly as config.py would (a
-backslash continuation, a key given twice, a value config.py would refuse) makes
+without the unusual: anything they cannot read exactly as config/udiroot.py would (a
+backslash continuation, a key given twice, a value config/udiroot.py would refuse) makes
 them answer None, and the caller goes to config.load, which also gives the precise
-error. tests/test_quickconf.py checks that both agree, Shifter's own files included.
+error. tests/config/test_quickconf.py checks that both agree, Shifter's own files included.
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ def values(text: str, keys: tuple[str, ...]) -> dict[str, str] | None:
         key = key.strip()
         if sep and key in keys:
             if key in found:
-                return None  # config.py refuses a scalar given twice
+                return None  # config/udiroot.py refuses a scalar given twice
             found[key] = value.strip()
     return found
 
 
 def path_value(found: dict[str, str], key: str) -> str | None:
-    """A path key's value as config.py's parser gives it; None when it would refuse it."""
+    """A path key's value as config/udiroot.py's parser gives it; None when it would refuse it."""
     value = found.get(key, PATH_DEFAULTS[key])
     if not value.startswith("/") or "\0" in value:
         return None
@@ -63,7 +63,7 @@ def path_value(found: dict[str, str], key: str) -> str | None:
 
 
 def seconds_value(found: dict[str, str], key: str, default: float) -> float | None:
-    """A seconds key's value as config.py's parser gives it; None when it would refuse it."""
+    """A seconds key's value as udiroot.py's parser gives it; None when it would refuse it."""
     if key not in found:
         return default
     try:

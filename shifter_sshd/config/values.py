@@ -1,6 +1,6 @@
 """Value parsers for udiRoot.conf keys: each takes (where, key, raw value).
 
-They raise ShifterError naming the file, line, key and value, so config.py's key
+They raise ShifterError naming the file, line, key and value, so config/udiroot.py's key
 table (every key with its default and parser, in one place) stays a table.
 """
 

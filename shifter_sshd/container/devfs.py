@@ -4,7 +4,7 @@ Binding the host's /dev would show every host device node, and a node made in it
 would appear on the host. Instead the prolog makes a tmpfs, creates in it the
 usual character devices, the host devices HPC jobs need (``hostDevices``:
 interconnects such as /dev/infiniband, fuse...) and the job's GPUs (from CDI,
-``gpus.py``), each with the host node's numbers, mode and owner, then attaches it.
+``gpu/plan.py``), each with the host node's numbers, mode and owner, then attaches it.
 Which of these a job may actually open stays the job's device cgroup's decision
 (Slurm's ConstrainDevices); a GPU the job was not given is simply not there.
 

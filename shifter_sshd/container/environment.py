@@ -46,7 +46,7 @@ def modules(config: Config, requested: Iterable[str]) -> list[Module]:
     for name in dict.fromkeys([*config.default_modules, *requested]):
         module = config.module(name)
         if module is None and name == "gpu":
-            continue  # built in: gpus.py (a site's module_gpu_* adds to it)
+            continue  # built in: gpu/plan.py (a site's module_gpu_* adds to it)
         if module is None:
             raise user_error("--module", "no such module on this system", name)
         if module.enabled:

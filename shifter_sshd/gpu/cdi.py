@@ -6,7 +6,7 @@ binaries to bind, environment, and hooks. This module reads every spec in the
 configured directories (JSON or YAML, cdiVersion 0.3.0 to 0.8.0), refuses fields it
 does not know (a spec it half understood would give a job half a driver), and
 gathers the container edits for the devices a job was given. Nothing here touches
-the container: ``gpus.py`` applies the edits, hooks included, natively.
+the container: ``gpu/plan.py`` applies the edits, hooks included, natively.
 
 Spec files are the site's: every problem in one is a node error naming the file.
 A later directory overrides an earlier one for the same device (/var/run/cdi is

@@ -8,7 +8,7 @@ before anything is mounted (so a wrong spec fails the prolog early), ``apply``
 binds the files after /dev exists and before any user volume is mounted.
 
 Hooks are never run. The standard NVIDIA ones are done natively: update-ldcache
-(soname links and a new /etc/ld.so.cache, ``ldcache.py``), create-symlinks, and
+(soname links and a new /etc/ld.so.cache, ``gpu/ldcache.py``), create-symlinks, and
 chmod (on the container's own /dev). Others are logged and skipped.
 """
 

@@ -306,7 +306,7 @@ class Store:
 
 class FileLock:
     """An exclusive flock on a lock file: the store's while names and data change, and
-    one per digest while it is pulled (``pull.py``)."""
+    one per digest while it is pulled (``image/pull.py``)."""
 
     def __init__(self, path: str) -> None:
         self.path = path

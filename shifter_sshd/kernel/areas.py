@@ -1,7 +1,7 @@
 """udiMount and loopMount: the root-owned areas where each job has its directory.
 
 Shared by the prolog (which makes the job directories) and teardown (which
-detaches and removes them), and kept free of config.py so the epilog starts fast.
+detaches and removes them), and kept free of config/udiroot.py so the epilog starts fast.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def umount_fd(fd: int, flags: int = MNT_DETACH) -> None:
 
 
 def umount(target: str | bytes, flags: int = UMOUNT_NOFOLLOW | MNT_DETACH) -> None:
-    """Path-based umount2, for copies in another mount namespace only (see mounts.py)."""
+    """Path-based umount2, for copies in another mount namespace only (see kernel/mounts.py)."""
     _result(_libc.umount2(_b(target), flags), "umount2", target)
 
 

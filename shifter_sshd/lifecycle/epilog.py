@@ -5,8 +5,8 @@ Exits 1, which drains the node, only when mounts could not be removed: the node
 then really needs an admin.
 
 Every job end runs it, so it starts lean: the four keys it needs are read by
-quickconf (config.py only for an unusual file), and the modules it imports avoid
-dataclasses, re, json, signal and typing (tests/test_quickconf.py checks).
+quickconf (config/udiroot.py only for an unusual file), and the modules it imports avoid
+dataclasses, re, json, signal and typing (tests/config/test_quickconf.py checks).
 Teardown does not depend on the rest of udiRoot.conf: a key an upgrade made
 unknown, or a typo added after the job started, cannot strand a job's mounts.
 """
@@ -61,7 +61,7 @@ def _anything_of(config: quickconf.Places, job_id: str) -> bool:
 
 
 def _settings(config_path: str | None) -> quickconf.Places:
-    """teardown's four keys, from quickconf or (for an unusual file) config.py."""
+    """teardown's four keys, from quickconf or (for an unusual file) config/udiroot.py."""
     path = quickconf.resolve_path(config_path)
     text = quickconf.read_text(path)
     found = None if text is None else quickconf.places(text)

@@ -265,7 +265,7 @@ def step_sshd(s: Setup) -> None:
 
 
 def step_userns(s: Setup) -> None:
-    """The user namespace every ``shifter`` of the job on this node joins (userns.py)."""
+    """The user namespace every ``shifter`` of the job on this node joins (container/userns.py)."""
     from ..container import userns
     from ..kernel import userproc
 

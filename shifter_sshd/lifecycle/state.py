@@ -41,12 +41,12 @@ class JobState:
     uid: int = -1
     image_id: str = ""
     loop_device: str = ""
-    bundle: str = ""  # the udiImage version the container has bound (udiimage.py)
+    bundle: str = ""  # the udiImage version the container has bound (ssh/bundle.py)
     root_mount_id: int = 0  # mount ids, as /proc/self/mountinfo numbers them
     scratch_mount_id: int = 0
     sshd_pid: int = 0
     sshd_start_time: int = 0  # /proc/<pid>/stat starttime, so a recycled pid is not killed
-    userns_pid: int = 0  # the job's user namespace holder (userns.py), and its start time
+    userns_pid: int = 0  # the job's user namespace holder (container/userns.py), and its start time
     userns_start_time: int = 0
     complete: bool = False
     created: float = 0.0

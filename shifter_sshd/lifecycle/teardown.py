@@ -39,13 +39,13 @@ def teardown(config: Settings, store: StateStore, job_id: str) -> bool:
 
     Each step is safe to repeat, so an epilog killed anywhere is finished by the
     next epilog or prolog. The epilog imports this module: it imports nothing
-    heavy (tests/test_quickconf.py keeps count).
+    heavy (tests/config/test_quickconf.py keeps count).
     """
     root, scratch = job_dirs(config, job_id)
     state = store.load(job_id) or new_state(job_id, root, scratch)
     faults.inject("stop sshd")
     # SIGTERM for sshd, which then ends its sessions; the user namespace holder
-    # (userns.py) has nothing to save. Waiting and SIGKILL follow, for all alike.
+    # (container/userns.py) has nothing to save. Waiting and SIGKILL follow, for all alike.
     processes.signal_if_same(state.sshd_pid, state.sshd_start_time, processes.SIGTERM)
     processes.signal_if_same(state.userns_pid, state.userns_start_time, processes.SIGKILL)
     faults.inject("stop processes")

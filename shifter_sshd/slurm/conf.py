@@ -72,7 +72,7 @@ def spool_dir(path: str, node_name: str) -> str:
 
 
 def check_containment(slurm_conf: str, wanted: bool, job_id: str) -> None:
-    """The sshd will be the job's (jobstep.py): slurm.conf must let it be."""
+    """The sshd will be the job's (lifecycle/jobstep.py): slurm.conf must let it be."""
     if not slurm_conf:
         return  # run by hand, not by slurmd: there is no job step to join
     if not wanted:

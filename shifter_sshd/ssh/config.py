@@ -40,7 +40,8 @@ USER_CA = f"{ETC}/ssh_user_ca.pub"
 USER_KEY = "/var/shifter/ssh/id_ed25519"
 USER_CERT = "/var/shifter/ssh/id_ed25519-cert.pub"
 
-# Algorithms for which ssh-audit 3.9 reports no failure and no warning (tests/test_sshd.py runs it).
+# Algorithms for which ssh-audit 3.9 reports no failure and no warning
+# (tests/ssh/test_sshd.py runs it).
 KEX = ("sntrup761x25519-sha512@openssh.com",)
 CIPHERS = (
     "chacha20-poly1305@openssh.com",

@@ -1,4 +1,4 @@
-"""The epilog's lean start: quickconf agrees with config.py, the state file's flat
+"""The epilog's lean start: quickconf agrees with config/udiroot.py, the state file's flat
 reader agrees with json, and the epilog imports nothing heavy."""
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ TEXTS = [
     "udiMount=/var/u\nloopMount = /var/l/ \nstatePath=/run/s\nkillGrace=0.5\n",
     "  # udiMount=/no\nudiMount=/var//u2\n",
     "#killGrace=9\nkillGrace = 30\nsiteEnv=URL=http://x/#frag\n",
-    "udiMount=/a\\\n/b\n",  # continuation: config.py's business
+    "udiMount=/a\\\n/b\n",  # continuation: config/udiroot.py's business
     "udiMount=/a\nudiMount=/b\n",  # twice: refused
     "udiMount=relative\n",
     "killGrace=forever\n",
     "killGrace=7200\n",
     "loopMount=\n",
-    "unknownKey=1\nudiMount=/var/u3\n",  # config.py refuses it; teardown does not care
+    "unknownKey=1\nudiMount=/var/u3\n",  # config/udiroot.py refuses it; teardown does not care
 ]
 
 
@@ -59,7 +59,7 @@ def test_quick_places_agree_with_the_config_parser(text: str, tmp_path: Path) ->
     if quick is None:
         return  # the epilog then goes to config.load: same answer by construction
     if full is None:
-        assert "unknownKey" in text  # the one deliberate difference (epilog.py says why)
+        assert "unknownKey" in text  # the one deliberate difference (lifecycle/epilog.py says why)
         return
     assert (quick.udi_mount, quick.loop_mount, quick.state_path, quick.kill_grace) == full
 

@@ -11,7 +11,7 @@
 # Exit 0 only when both match what the host itself says; then the epilog, and a
 # check that nothing of the job is left.
 #
-# tests/test_cdi.py runs it against lab.fakegpu's fake driver, through these
+# tests/gpu/test_cdi.py runs it against lab.fakegpu's fake driver, through these
 # variables (unset on a real GPU node): GPU_CHECK_DEV (the GPUs' device nodes),
 # GPU_CHECK_SMI (nvidia-smi on the host), GPU_CHECK_LIBS (where the host's libcuda
 # is, if not in its loader's cache), GPU_CHECK_SPECS (the CDI spec directory),

@@ -177,7 +177,7 @@ def test_the_store_is_readable_whatever_the_umask(user_tmp: Path) -> None:
 ])  # fmt: skip
 def test_broken_image_archives_fail_cleanly(store: Path, tmp_path: Path, layout: str,
                                             message: str) -> None:  # fmt: skip
-    """Image archives import through the pull's path (tests/test_pull.py); a broken one
+    """Image archives import through the pull's path (tests/image/test_pull.py); a broken one
     is a one-line error, and nothing is left in the store."""
     source = tmp_path / "image"
     source.mkdir()

@@ -1,5 +1,5 @@
 """What each Slurm version says, recorded from the real thing (tests/fixtures/slurm/<version>,
-written by ``SHIFTER_SSHD_RECORD_SLURM_FIXTURES=1`` runs of tests/test_slurm.py on each
+written by ``SHIFTER_SSHD_RECORD_SLURM_FIXTURES=1`` runs of tests/slurm/test_slurm.py on each
 version's lab cluster): the one parser reads every version's words to the same facts
 the live prolog found."""
 
