@@ -111,11 +111,13 @@ def foreign_copies(job_dirs: list[str]) -> dict[int, list[bytes]]:
 def unmount_in(pid: int, targets: list[bytes], timeout: float) -> bool:
     """Detach ``targets`` inside ``pid``'s mount namespace (a forked child enters it).
 
-    Path-based, in a namespace that is not ours: the targets are the job's own
-    root-owned directories (no user can rename them), each detached lazily as a
-    whole tree, as often as copies are stacked there. The namespace may be the
-    user's, with their FUSE mount on the way to a target: the child waits on their
-    daemon, so it gets ``timeout`` seconds (``killGrace``) and is then killed.
+    The targets are the job's own directories in the root-owned areas. In that
+    namespace, as in ours, each area is opened without following a symlink and the
+    job's entry is detached by descriptor (``privileged.detach``: whole trees, as often
+    as copies are stacked there); a path inside a namespace someone else may have
+    built is never handed to umount2. The namespace may be the user's, with their
+    FUSE mount on the way to a target: the child waits on their daemon, so it gets
+    ``timeout`` seconds (``killGrace``) and is then killed.
     """
     child = os.fork()
     if child == 0:
@@ -123,13 +125,7 @@ def unmount_in(pid: int, targets: list[bytes], timeout: float) -> bool:
         try:
             fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
             sc.setns(fd, sc.CLONE_NEWNS)
-            for target in targets:
-                for _stacked in range(64):
-                    try:
-                        sc.umount(target, sc.UMOUNT_NOFOLLOW | sc.MNT_DETACH)
-                    except OSError:
-                        break
-            code = 0
+            code = 0 if all(_detach_copy(target) for target in targets) else 1
         finally:
             os._exit(code)
     from .userproc import UserChild
@@ -137,3 +133,24 @@ def unmount_in(pid: int, targets: list[bytes], timeout: float) -> bool:
     with UserChild(child, timeout) as helper:
         status = helper.wait()
     return status is not None and os.waitstatus_to_exitcode(status) == 0
+
+
+def _detach_copy(target: bytes) -> bool:
+    """``area/<job>`` detached in the namespace we are in; False if it could not be."""
+    from . import privileged
+
+    area, _sep, name = target.rpartition(b"/")
+    try:
+        area_fd = sc.openat2(sc.AT_FDCWD, os.fsdecode(area) or "/",
+                             os.O_PATH | os.O_DIRECTORY, sc.RESOLVE_NO_SYMLINKS)  # fmt: skip
+    except FileNotFoundError:
+        return True  # no such area there: nothing of ours is mounted in it
+    except OSError:
+        return False
+    try:
+        privileged.detach(area_fd, os.fsdecode(name))
+    except OSError:
+        return False
+    finally:
+        os.close(area_fd)
+    return True

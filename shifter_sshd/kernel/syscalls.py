@@ -150,11 +150,6 @@ def umount_fd(fd: int, flags: int = MNT_DETACH) -> None:
     _result(_libc.umount2(fd_path(fd).encode(), flags), "umount2")
 
 
-def umount(target: str | bytes, flags: int = UMOUNT_NOFOLLOW | MNT_DETACH) -> None:
-    """Path-based umount2, for copies in another mount namespace only (see kernel/mounts.py)."""
-    _result(_libc.umount2(_b(target), flags), "umount2", target)
-
-
 def fchownat_empty(fd: int, uid: int, gid: int) -> None:
     """``fchownat(fd, "", uid, gid, AT_EMPTY_PATH)``: works on O_PATH descriptors too."""
     _result(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
