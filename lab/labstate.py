@@ -52,11 +52,10 @@ def _lock() -> Iterator[None]:
 
 
 def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    from shifter_sshd.kernel import processes
+
+    started = processes.start_time(pid)
+    return None if started is None else str(started)
 
 
 def allocate() -> tuple[int, str]:
