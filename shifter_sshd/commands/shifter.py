@@ -59,7 +59,10 @@ EXIT_ERROR = 1
 NO_JOB = "no Slurm job here (SLURM_JOB_ID is not set); run shifter inside an allocation"
 JOB_PREFIXES = ("SLURM_", "SLURMD_", "SHIFTER_", "PMI_", "PMIX_", "LC_")
 JOB_NAMES = frozenset({"TERM", "USER", "LOGNAME", "HOME", "LANG"})
-USAGE = "usage: shifter [--image=NAME] [--volume=SPEC] [--] CMD [ARGS...]\n"
+USAGE = (
+    "usage: shifter [--image=NAME] [--volume=SPEC] [--] CMD [ARGS...]\n"
+    "       shifter --ssh-config=DIR [--jobid=N] [--proxy-jump=HOST]\n"
+)
 
 
 # --- the command line -----------------------------------------------------------------
@@ -95,7 +98,7 @@ def parse_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
             sys.stdout.write(USAGE + (__doc__ or ""))
             raise SystemExit(0)
         name, sep, value = arg.partition("=")
-        if name not in ("--image", "--volume"):
+        if name not in ("--image", "--volume", "--ssh-config", "--jobid", "--proxy-jump"):
             raise ShifterError("usage", "unknown option", arg)
         if not sep:
             if index >= len(args):
@@ -188,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: list[str]) -> int:
     options, command = parse_args(split_shebang(args))
+    if "ssh-config" in options or "jobid" in options or "proxy-jump" in options:
+        return ssh_config(options, command)
     container = load_container(os.environ)
     check_request(container, options, os.getuid())
     if not command:  # the image's own command, as Shifter's --entrypoint
@@ -199,3 +204,31 @@ def run(args: list[str]) -> int:
 
     plan = enter.plan(container, command, job_environment(container, os.environ))
     return enter.enter(plan, force_ssh=os.environ.get(enter.FORCE_SSH) == "1")
+
+
+def ssh_config(options: dict[str, str], command: list[str]) -> int:
+    """``--ssh-config DIR``: the job's ssh material and a config for it, then the hosts
+    (one per line on stdout; ssh/outside.py says what and why)."""
+    directory = options.get("ssh-config")
+    if directory is None or command or {"image", "volume"} & options.keys():
+        raise ShifterError("usage", "--jobid and --proxy-jump go with --ssh-config=DIR, "
+                           "alone", USAGE.strip())  # fmt: skip
+    environ = dict(os.environ)
+    if "jobid" in options:
+        environ["SLURM_JOB_ID"] = options["jobid"]
+    container = load_container(environ)
+    if container.uid != os.getuid():
+        raise ShifterError(f"job {container.job_id}", "the container belongs to uid "
+                           f"{container.uid}, not to you", os.getuid())  # fmt: skip
+    import pwd
+
+    from ..ssh import outside
+
+    user = pwd.getpwuid(os.getuid()).pw_name
+    material = outside.gather(container, user, options.get("proxy-jump"))
+    hosts = outside.write(material, directory)
+    config = os.path.join(os.path.abspath(directory), "config")
+    sys.stderr.write(f"shifter: job {container.job_id}: wrote {config} (valid until the job "
+                     f"ends): ssh -F {config} {hosts[0]}\n")  # fmt: skip
+    sys.stdout.write("".join(f"{host}\n" for host in hosts))
+    return 0
