@@ -208,7 +208,7 @@ def run(args: list[str]) -> int:
 
 def ssh_config(options: dict[str, str], command: list[str]) -> int:
     """``--ssh-config DIR``: the job's ssh material and a config for it, then the hosts
-    (one per line on stdout; ssh/outside.py says what and why)."""
+    (one per line on stdout; commands/outside.py says what and why)."""
     directory = options.get("ssh-config")
     if directory is None or command or {"image", "volume"} & options.keys():
         raise ShifterError("usage", "--jobid and --proxy-jump go with --ssh-config=DIR, "
@@ -222,7 +222,7 @@ def ssh_config(options: dict[str, str], command: list[str]) -> int:
                            f"{container.uid}, not to you", os.getuid())  # fmt: skip
     import pwd
 
-    from ..ssh import outside
+    from . import outside
 
     user = pwd.getpwuid(os.getuid()).pw_name
     material = outside.gather(container, user, options.get("proxy-jump"))

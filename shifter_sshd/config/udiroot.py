@@ -71,6 +71,7 @@ class Config:
     max_image_mounts: int = 256
     volume_timeout: float = 20.0
     sshd_start_timeout: float = 10.0
+    sshd_allow_tcp_forwarding: str = "yes"  # OpenSSH's AllowTcpForwarding: IDEs need it
     userns_timeout: float = 5.0
     gpu_injection: str = "auto"  # auto: the job's GPUs; module: only with --module=gpu
     cdi_spec_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")
@@ -128,6 +129,11 @@ KEYS: dict[str, tuple[str, Parser, bool]] = {
     "maxImageMounts": ("max_image_mounts", v.int_range(1, 100000), False),
     "volumeTimeout": ("volume_timeout", v.seconds, False),
     "sshdStartTimeout": ("sshd_start_timeout", v.seconds, False),
+    "sshdAllowTcpForwarding": (
+        "sshd_allow_tcp_forwarding",
+        v.word(("yes", "no", "local", "remote")),
+        False,
+    ),
     "usernsTimeout": ("userns_timeout", v.seconds, False),
     "gpuInjection": ("gpu_injection", v.word(("auto", "module", "off")), False),
     "cdiSpecDirs": ("cdi_spec_dirs", v.paths, True),

@@ -89,6 +89,7 @@ class SshdSettings:
     max_sessions: int = 1024
     login_grace_time: int = 30
     log_level: str = "INFO"
+    allow_tcp_forwarding: str = "yes"  # sshdAllowTcpForwarding
 
 
 @dataclass(frozen=True)
@@ -152,12 +153,15 @@ def _sshd_values(s: SshdSettings) -> dict[str, object]:
         _match(where, "PidFile", _PATH, s.pid_file)
     if s.log_level not in LOG_LEVELS:
         raise node_error(where, "invalid LogLevel", repr(s.log_level))
+    if s.allow_tcp_forwarding not in ("yes", "no", "local", "remote"):
+        raise node_error(where, "invalid AllowTcpForwarding", repr(s.allow_tcp_forwarding))
     values: dict[str, object] = {
         "port": _int(where, "Port", s.port, 1, 65535),
         "listen_address": s.listen_address
         and _match(where, "ListenAddress", _HOST, s.listen_address),
         "pid_file": s.pid_file,
         "log_level": s.log_level,
+        "allow_tcp_forwarding": s.allow_tcp_forwarding,
         "user": _match(where, "AllowUsers user name", _USER, s.user),
         "udi_image": _match(where, "udiImage path", _PATH, s.udi_image),
         "max_startups": _match(where, "MaxStartups", _STARTUPS, s.max_startups),

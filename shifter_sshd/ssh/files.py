@@ -62,7 +62,12 @@ def write_etc(
 ) -> int:  # fmt: skip
     """Render and write the per-job etc into scratch; returns its directory descriptor."""
     bundle = config.opt_udi_image
-    sshd = sshconfig.SshdSettings(user=user.name, port=config.sshd_port, environment=env)
+    sshd = sshconfig.SshdSettings(
+        user=user.name,
+        port=config.sshd_port,
+        environment=env,
+        allow_tcp_forwarding=config.sshd_allow_tcp_forwarding,
+    )
     client = sshconfig.SshClientSettings(hosts=hosts, port=config.sshd_port, user=user.name)
     files = {
         "sshd_config": (sshconfig.render_sshd_config(sshd, bundle).encode(), 0o644),

@@ -148,7 +148,8 @@ def test_a_file_with_every_key() -> None:
               "gpuCdiDevice": "example.com/gpu=g{index}", "hostDevices": "fuse hfi1*",
               "defaultRegistry": "registry.example:5000",
               "registryMirrors": "docker.io=mirror.example:5000",
-              "insecureRegistries": "localhost:5000"}  # fmt: skip
+              "insecureRegistries": "localhost:5000",
+              "sshdAllowTcpForwarding": "local"}  # fmt: skip
     lines = []
     for key, (field_name, _parser, _repeat) in config.KEYS.items():
         default = getattr(config.Config(), field_name)
@@ -168,6 +169,7 @@ def test_a_file_with_every_key() -> None:
               "module_m_copyPath=/x"]  # fmt: skip
     parsed = config.parse("\n".join(lines) + "\n", "every.conf")
     assert parsed.system == "lab" and parsed.module("m") is not None
+    assert parsed.sshd_allow_tcp_forwarding == "local"
     assert (parsed.gpu_injection, parsed.cdi_spec_dirs) == ("module", ("/etc/shifter/cdiSpecDirs",))
     assert parsed.host_devices == ("fuse", "hfi1*")
     assert parsed.registry_mirrors == (("docker.io", "mirror.example:5000"),)

@@ -27,7 +27,7 @@ import socket
 from ..errors import ShifterError
 from ..kernel.rootpath import Root
 from ..lifecycle.record import Container
-from . import config as sshconfig
+from ..ssh import config as sshconfig
 
 NODES_FILE = "/var/nodesfile"
 FILES = ("id_ed25519", "id_ed25519-cert.pub", "known_hosts", "config")

@@ -1,4 +1,4 @@
-"""What ``shifter --ssh-config`` writes, and where it refuses to (ssh/outside.py); the
+"""What ``shifter --ssh-config`` writes, and where it refuses to (commands/outside.py); the
 cluster test (test_outside.py) logs in with it."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from shifter_sshd.commands import outside
 from shifter_sshd.errors import ShifterError
 from shifter_sshd.lifecycle.record import Container
-from shifter_sshd.ssh import outside
 
 CA = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample"
 
