@@ -381,3 +381,18 @@ def test_ssh_retries_while_the_peer_sshd_starts(container: Container) -> None:
             client.wait()
         if server is not None:
             _stop(server)
+
+
+@pytest.mark.parametrize("value", ["yes", "no", "local", "remote"])
+def test_tcp_forwarding_as_the_site_configures(value: str) -> None:
+    settings = sshconfig.SshdSettings(user="alice", port=1204, allow_tcp_forwarding=value)
+    lines = sshconfig.render_sshd_config(settings).splitlines()
+    assert [line for line in lines if line.startswith("AllowTcpForwarding")] == [
+        f"AllowTcpForwarding {value}"
+    ]
+
+
+def test_tcp_forwarding_refuses_anything_else() -> None:
+    settings = sshconfig.SshdSettings(user="alice", port=1204, allow_tcp_forwarding="yes\nX")
+    with pytest.raises(ShifterError, match="invalid AllowTcpForwarding"):
+        sshconfig.render_sshd_config(settings)
