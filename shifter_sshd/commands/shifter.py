@@ -35,6 +35,10 @@ A script that is not visible at the same path inside the container is handed ove
 as ``/proc/self/fd/N`` (through the sshd: copied into the container's /tmp and
 unlinked once opened).
 
+``shifter --ssh-config=DIR [--jobid=N] [--proxy-jump=HOST]`` runs no command: it
+writes what an ssh client on a login node or an IDE needs to reach this job's
+container on each of its nodes (commands/outside.py), and prints the nodes.
+
 Exit status: CMD's own; 1 when shifter itself fails (usage, no job, no container,
 another user's job, a mismatched ``--image``/``--volume``, no way in); 126 when CMD
 exists but cannot be executed; 127 when CMD is not found in the image. Through
