@@ -141,9 +141,11 @@ def write(m: Material, directory: str) -> list[str]:
 
 
 def _own_directory(directory: str) -> int:
-    """``directory``, made 0700 if missing; an existing one must be the caller's and
-    writable by nobody else (ssh refuses such a config, and a key there is exposed)."""
+    """``directory``, made 0700 if missing (``~/.ssh`` too); an existing one must be the
+    caller's and writable by nobody else (ssh refuses such a config, and a key there
+    is exposed)."""
     try:
+        os.makedirs(os.path.dirname(directory), 0o700, exist_ok=True)
         os.mkdir(directory, 0o700)
     except FileExistsError:
         pass
