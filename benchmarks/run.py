@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 BENCHMARKS = ("bench_keys", "bench_prolog", "bench_sshd", "bench_hardening", "bench_scale",
-              "bench_mpirun")  # fmt: skip
+              "bench_mpirun", "bench_standalone")  # fmt: skip
 
 
 def main() -> int:

@@ -197,6 +197,8 @@ def run(args: list[str]) -> int:
     options, command = parse_args(split_shebang(args))
     if "ssh-config" in options or "jobid" in options or "proxy-jump" in options:
         return ssh_config(options, command)
+    if "image" in options and not os.environ.get("SLURM_JOB_ID"):
+        return standalone(options, command)
     container = load_container(os.environ)
     check_request(container, options, os.getuid())
     if not command:  # the image's own command, as Shifter's --entrypoint
@@ -236,3 +238,14 @@ def ssh_config(options: dict[str, str], command: list[str]) -> int:
                      f"ends): ssh -F {config} {hosts[0]}\n")  # fmt: skip
     sys.stdout.write("".join(f"{host}\n" for host in hosts))
     return 0
+
+
+def standalone(options: dict[str, str], command: list[str]) -> int:
+    """``--image`` with no job: a container of the caller's own, without root
+    (container/unprivileged.py); the job's container, when there is one, is entered."""
+    from ..config import udiroot as config
+    from ..container import unprivileged
+
+    site = config.load(os.environ.get("SHIFTER_SSHD_CONFIG") or "/etc/shifter/udiRoot.conf")
+    request = unprivileged.Request(site, options["image"], options.get("volume", ""), command)
+    return unprivileged.run(request, dict(os.environ))

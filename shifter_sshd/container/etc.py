@@ -48,18 +48,28 @@ def populate(tree: Tree, config: Config, user: User, shell: str) -> None:
     """Write /etc's files into the /etc overlay, by descriptor (``privileged``)."""
     if config.etc_path:
         _copy_site_files(tree, config.etc_path)
-    passwd, groups = _entries(config, user, shell)
     with tree.container() as container:
-        image_passwd, image_group = container.read("/etc/passwd"), container.read("/etc/group")
-    write(tree, "passwd", _merge(image_passwd, passwd, (0, 2)))
-    write(tree, "group", _merge(image_group, groups, (0, 2)))
-    write(tree, "nsswitch.conf", NSSWITCH)
+        for name, text in files(config, user, shell, container).items():
+            write(tree, name, text)
+
+
+def files(config: Config, user: User, shell: str, image: Root) -> dict[str, str]:
+    """/etc's files for the user in ``image``: the job's prolog and the unprivileged
+    ``shifter --image`` write the same ones (the image's entries minus clashes, then
+    the user's, their groups and usersToImport; the host's hosts and resolv.conf)."""
+    passwd, groups = _entries(config, user, shell)
+    found = {
+        "passwd": _merge(image.read("/etc/passwd"), passwd, (0, 2)),
+        "group": _merge(image.read("/etc/group"), groups, (0, 2)),
+        "nsswitch.conf": NSSWITCH,
+    }
     for name in ("hosts", "resolv.conf"):
         try:
             with open(f"/etc/{name}", encoding="utf-8") as handle:
-                write(tree, name, handle.read())
+                found[name] = handle.read()
         except FileNotFoundError:
             log.debug(f"etc: host has no /etc/{name}")
+    return found
 
 
 def write(tree: Tree, name: str, text: str | bytes, mode: int = 0o644) -> None:
