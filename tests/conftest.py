@@ -121,6 +121,16 @@ def racer() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def fuse_device() -> str:
+    """/dev/fuse, usable by the test users, and squashfuse."""
+    if not os.access("/usr/bin/squashfuse", os.X_OK) or not os.path.exists("/dev/fuse"):
+        pytest.fail("squashfuse and /dev/fuse are needed (make test installs squashfuse, fuse3)")
+    # A machine without udev leaves /dev/fuse root's alone; udev's rule makes it 0666.
+    os.chmod("/dev/fuse", 0o666)
+    return "/dev/fuse"
+
+
 # --- the cluster tests' site and 3-node cluster (one of each per test module) ----------
 
 from lab.site import Site, make_site  # noqa: E402

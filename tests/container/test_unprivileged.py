@@ -30,7 +30,7 @@ class Site:
 
 
 @pytest.fixture
-def site(user_tmp: Path) -> Site:
+def site(user_tmp: Path, fuse_device: str) -> Site:
     """A store the users can read, with the busybox image imported (by root)."""
     config = user_tmp / "udiRoot.conf"
     config.write_text(f"imagePath={user_tmp}/images\nsiteFs={user_tmp}/site:/site\n")
