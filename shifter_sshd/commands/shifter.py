@@ -199,12 +199,17 @@ def run(args: list[str]) -> int:
         return ssh_config(options, command)
     if "image" in options and not os.environ.get("SLURM_JOB_ID"):
         return standalone(options, command)
-    container = load_container(os.environ)
+    try:
+        container = load_container(os.environ)
+    except record.NoContainer:
+        if "image" not in options:
+            raise
+        return standalone(options, command)  # a job that asked for no container
     check_request(container, options, os.getuid())
     if not command:  # the image's own command, as Shifter's --entrypoint
         if not container.command:
             raise ShifterError("usage", "no command given, and the image has none",
-                               USAGE.strip())  # fmt: skip
+                               USAGE.splitlines()[0])  # fmt: skip
         command = list(container.command)
     from . import enter
 
@@ -218,7 +223,7 @@ def ssh_config(options: dict[str, str], command: list[str]) -> int:
     directory = options.get("ssh-config")
     if directory is None or command or {"image", "volume"} & options.keys():
         raise ShifterError("usage", "--jobid and --proxy-jump go with --ssh-config=DIR, "
-                           "alone", USAGE.strip())  # fmt: skip
+                           "alone", USAGE.splitlines()[1].strip())  # fmt: skip
     environ = dict(os.environ)
     if "jobid" in options:
         environ["SLURM_JOB_ID"] = options["jobid"]
@@ -241,8 +246,8 @@ def ssh_config(options: dict[str, str], command: list[str]) -> int:
 
 
 def standalone(options: dict[str, str], command: list[str]) -> int:
-    """``--image`` with no job: a container of the caller's own, without root
-    (container/unprivileged.py); the job's container, when there is one, is entered."""
+    """``--image`` with no job, or in a job without a container: one of the caller's
+    own, without root (container/unprivileged.py)."""
     from ..config import udiroot as config
     from ..container import unprivileged
 

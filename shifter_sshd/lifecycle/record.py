@@ -15,6 +15,11 @@ import os
 from ..errors import ShifterError
 
 
+class NoContainer(ShifterError):
+    """The job has no container on this node and no error says why: it did not ask
+    for one (``shifter --image`` then builds one of the caller's own)."""
+
+
 def container_file(job_id: str) -> str:
     return f"{job_id}.container"
 
@@ -134,5 +139,5 @@ def _no_container(directory: str, job_id: str) -> ShifterError:
         reason = ""
     if reason:
         return ShifterError(f"job {job_id}", "the container could not be prepared", reason)
-    return ShifterError(f"no prepared container for job {job_id} on this node",
-                        "was the job submitted with --image?")  # fmt: skip
+    return NoContainer(f"no prepared container for job {job_id} on this node",
+                       "was the job submitted with --image?")  # fmt: skip
