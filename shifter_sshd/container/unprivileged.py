@@ -41,6 +41,7 @@ WORK = "/tmp"  # covered by our tmpfs, in our mount namespace only
 MOUNT_TIMEOUT = 10.0  # seconds for squashfuse to mount the image
 CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
+MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG, SIGKILL, SIGTERM = 1, 9, 15
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -97,9 +98,11 @@ def run(request: Request, environ: dict[str, str]) -> int:
     """Build the container and run the command in it; returns its exit status."""
     uid, gid = os.getuid(), os.getgid()
     _own_namespaces(uid, gid)
+    binds = _open_binds(request)  # before our tmpfs covers /tmp, where sources may be
+    _cover_work()
     squashfuse = _mount_image(request.image_fd)
     try:
-        root = _build_root(request)
+        root = _build_root(request, binds)
         env = _environment(request, environ)
         argv = request.argv or _default(request)
         return _run_inside(root, argv, env, _workdir(request), (uid, gid))
@@ -114,7 +117,28 @@ def _own_namespaces(uid: int, gid: int) -> None:
                            f"({os.strerror(code)}): unprivileged user namespaces are off?",
                            "shifter --image outside a job")  # fmt: skip
     _map_self(f"0 {uid} 1", f"0 {gid} 1")
-    _mount("none", "/", None, MS_REC | 0x40000)  # MS_SLAVE: nothing of ours goes back
+    _mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing of ours goes back
+
+
+def _open_binds(request: Request) -> list[tuple[int, str, str, bool]]:
+    """(O_PATH descriptor, source, destination, read-only) of the home directory, siteFs and
+    the volumes: opened once, bound by descriptor (``/proc/self/fd/N``)."""
+    wanted = [(m.source, m.dest, m.read_only) for m in request.config.site_fs]
+    home = request.user.home
+    if home.startswith("/") and os.path.isdir(home):
+        wanted.insert(0, (home, home, False))
+    wanted += [(v.source, v.dest, v.read_only) for v in request.volumes]
+    binds = []
+    for source, dest, read_only in wanted:
+        try:
+            fd = os.open(source, os.O_PATH | os.O_CLOEXEC)
+        except OSError as err:
+            raise user_error("--volume", f"source unusable ({reason(err)})", source) from None
+        binds.append((fd, source, dest, read_only))
+    return binds
+
+
+def _cover_work() -> None:
     _mount("shifter", WORK, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700")
     for name in ("image", "upper", "work", "root"):
         os.mkdir(f"{WORK}/{name}", 0o700)
@@ -193,24 +217,22 @@ def _stop(pid: int) -> None:
         pass
 
 
-def _build_root(request: Request) -> str:
+def _build_root(request: Request, binds: list[tuple[int, str, str, bool]]) -> str:
     root = f"{WORK}/root"
     _mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV,
            f"lowerdir={WORK}/image,upperdir={WORK}/upper,workdir={WORK}/work")  # fmt: skip
     for system in ("/dev", "/proc", "/sys"):
         _bind(system, root + system, read_only=False, make=True)
-    home = request.user.home
-    mounts = [(m.source, m.dest, m.read_only) for m in request.config.site_fs]
-    if home.startswith("/") and os.path.isdir(home):
-        mounts.insert(0, (home, home, False))
-    mounts += [(v.source, v.dest, v.read_only) for v in request.volumes]
-    for source, dest, read_only in mounts:
-        _bind(source, root + dest, read_only, make=True)
+    for fd, source, dest, read_only in binds:
+        try:
+            _bind(f"/proc/self/fd/{fd}", root + dest, read_only, make=True, label=source)
+        finally:
+            os.close(fd)
     _write_etc(request, root)
     return root
 
 
-def _bind(source: str, target: str, read_only: bool, make: bool) -> None:
+def _bind(source: str, target: str, read_only: bool, make: bool, label: str = "") -> None:
     if make and not os.path.lexists(target):
         if os.path.isdir(source):
             os.makedirs(target, 0o755, exist_ok=True)
@@ -223,7 +245,8 @@ def _bind(source: str, target: str, read_only: bool, make: bool) -> None:
             flags = MS_REMOUNT | MS_BIND | MS_RDONLY | _locked_flags(target)
             _mount("none", target, None, flags)
     except OSError as err:
-        raise user_error("--volume", f"cannot bind the source ({reason(err)})", source) from None
+        why = f"cannot bind the source ({reason(err)})"
+        raise user_error("--volume", why, label or source) from None
 
 
 def _locked_flags(path: str) -> int:
@@ -319,8 +342,10 @@ def _wait(pid: int) -> int:
         except ProcessLookupError:
             pass
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, forward)
+    for signum in (signal.SIGINT, signal.SIGQUIT):  # the terminal sends them to CMD too
+        signal.signal(signum, signal.SIG_IGN)
     while True:
         try:
             _done, status = os.waitpid(pid, 0)
