@@ -5,8 +5,10 @@ process, mount or directory behind, even when ``shifter`` is SIGKILLed."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,13 +81,20 @@ def user(test_users: list[LabUser]) -> Iterator[LabUser]:
     assert _theirs(who, ("squashfuse",)) == []  # nothing of ours left, whatever happened
 
 
-def test_the_image_and_the_home_as_the_user(site: Site, user: LabUser) -> None:
-    (site.directory / "data").mkdir()
-    (site.directory / "data" / "in").write_text("a volume\n")
-    subprocess.run(["chmod", "-R", "a+rX", str(site.directory / "data")], check=True)
+@pytest.fixture
+def data() -> Iterator[Path]:
+    """A volume source under /tmp, which the container's own tmpfs covers there."""
+    path = Path(tempfile.mkdtemp(prefix="shifter-sshd-standalone-", dir="/tmp"))
+    (path / "in").write_text("a volume\n")
+    subprocess.run(["chmod", "-R", "a+rX", str(path)], check=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_image_and_the_home_as_the_user(site: Site, user: LabUser, data: Path) -> None:
     script = ("grep PRETTY_NAME /etc/os-release; id -u; id -un; echo $HOME; ls -d $HOME; "
               "cat /site/note /data/in; echo written > /etc/new && cat /etc/new")  # fmt: skip
-    done = _shifter(site, user, f"--image={IMAGE}", f"--volume={site.directory}/data:/data:ro",
+    done = _shifter(site, user, f"--image={IMAGE}", f"--volume={data}:/data:ro",
                     "/bin/sh", "-c", script)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
@@ -93,9 +102,9 @@ def test_the_image_and_the_home_as_the_user(site: Site, user: LabUser) -> None:
         "from siteFs", "a volume", "written",
     ]  # fmt: skip
     # the read-only volume is read-only
-    done = _shifter(site, user, f"--image={IMAGE}", f"--volume={site.directory}/data:/data:ro",
+    done = _shifter(site, user, f"--image={IMAGE}", f"--volume={data}:/data:ro",
                     "/bin/sh", "-c", "echo x > /data/in")  # fmt: skip
-    assert done.returncode != 0 and (site.directory / "data" / "in").read_text() == "a volume\n"
+    assert done.returncode != 0 and (data / "in").read_text() == "a volume\n"
 
 
 def test_exit_status_and_a_missing_command(site: Site, user: LabUser) -> None:
