@@ -60,7 +60,7 @@ def cold_start() -> float:
     as the prolog does once per job; the interpreter's own start is not counted."""
     code = (
         "import time; t = time.perf_counter()\n"
-        "from shifter_sshd import keys\n"
+        "from shifter_sshd.ssh import keys\n"
         "keys.node_key_set(bytes(64), 'c', 1, 0, 'u', 'n', ['n'], 1, 2)\n"
         "print(time.perf_counter() - t)\n"
     )

@@ -162,7 +162,7 @@ def test_a_job_without_a_container_ends_without_teardowns_modules(tmp_path: Path
     directories and is done, without ctypes and the mount code."""
     config = tmp_path / "udiRoot.conf"
     config.write_text(f"udiMount={tmp_path}/u\nloopMount={tmp_path}/l\nstatePath={tmp_path}/s\n")
-    code = ("import sys\nfrom shifter_sshd import epilog\n"
+    code = ("import sys\nfrom shifter_sshd.lifecycle import epilog\n"
             f"rc = epilog.main({str(config)!r}, {{'SLURM_JOB_ID': '5'}})\n"
             "print(rc, 'shifter_sshd.lifecycle.teardown' in sys.modules, 'ctypes' in sys.modules)"
             )  # fmt: skip

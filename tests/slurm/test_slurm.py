@@ -30,7 +30,7 @@ PYTHON = os.path.join(VENV, "bin", "python")
 PRIVATE = "/run/shifter-sshd-slurmtest"  # a tmpfs of its own on every node
 RECORD = (
     "import dataclasses, json, os, subprocess, sys, time\n"
-    "from shifter_sshd import slurm\n"
+    "from shifter_sshd.slurm import query as slurm\n"
     "start = time.monotonic()\n"
     "try:\n"
     "    found = dataclasses.asdict(slurm.query(os.environ, 5.0))\n"
@@ -170,7 +170,7 @@ def test_uneven_tasks_follow_slurm_node_order(cluster: Cluster, args: list[str])
 
 def _query_on_node(cluster: Cluster, conf: str, timeout: float) -> tuple[str, float]:
     code = (
-        "import json, os, time\nfrom shifter_sshd import slurm\n"
+        "import json, os, time\nfrom shifter_sshd.slurm import query as slurm\n"
         "t = time.monotonic()\n"
         "try:\n"
         f"    slurm.query(os.environ, {timeout})\n"
