@@ -72,9 +72,9 @@ def test_login_node_into_the_jobs_container_on_two_nodes(
         _wait_running(cluster, job, marker)
         # the way users start IDE sessions: a step of the running job, from the login node
         step = ["srun", f"--jobid={job}", "--overlap", "-N1", "-n1", "-w", "node1"]
-        login = {"SHIFTER_SSHD_CONFIG": site.config}  # the site's udiRoot.conf is not in /etc
+        site_env = {"SHIFTER_SSHD_CONFIG": site.config}  # the lab keeps udiRoot.conf elsewhere
         done = cluster.client([*step, SHIFTER, f"--ssh-config={directory}"], user=USER,
-                              env=login, check=False)  # fmt: skip
+                              env=site_env, check=False)  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == ["node1", "node2"]
         assert f"wrote {directory}/config" in done.stderr
