@@ -26,7 +26,7 @@ SHIFTER = os.path.join(VENV, "bin", "shifter")
 IMAGE = "docker:busybox:bench"
 TAG = "bench-standalone"
 BARE = """mount -t tmpfs bare /tmp && mkdir /tmp/i && { squashfuse -f "$0" /tmp/i & p=$!; }
-while [ ! -e /tmp/i/bin ]; do :; done; chroot /tmp/i /bin/true; kill $p; wait"""
+while [ ! -e /tmp/i/bin ]; do :; done; chroot /tmp/i /bin/true; s=$?; kill $p; wait; exit $s"""
 
 
 def _setup(work: Path) -> tuple[str, str]:
@@ -55,7 +55,8 @@ def main() -> None:
     as_user = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--init-groups"]
     try:
         config, squashfs = _setup(work)
-        env = {"PATH": "/usr/bin:/bin", "HOME": user.home, "SHIFTER_SSHD_CONFIG": config}
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": user.home,
+               "SHIFTER_SSHD_CONFIG": config}  # fmt: skip
         job = {**env, "SLURM_JOB_ID": "39001", "SLURM_JOB_UID": str(user.uid),
                "SLURM_JOB_GID": str(user.gid), "SLURM_JOB_USER": user.name,
                "SLURMD_NODENAME": "localhost", "SLURM_NODELIST": "localhost",
