@@ -55,9 +55,6 @@ def gather(container: Container, user: str, proxy_jump: str | None) -> Material:
                            "the site disabled it): nothing to reach", container.label)  # fmt: skip
     try:
         root = Root.at(container.root)
-    except PermissionError:
-        raise ShifterError(where, "the container belongs to another user, not to you",
-                           os.getuid()) from None  # fmt: skip
     except OSError as err:
         raise ShifterError(where, f"cannot open the container ({err.strerror})",
                            container.root) from None  # fmt: skip

@@ -228,9 +228,7 @@ def ssh_config(options: dict[str, str], command: list[str]) -> int:
     if "jobid" in options:
         environ["SLURM_JOB_ID"] = options["jobid"]
     container = load_container(environ)
-    if container.uid != os.getuid():
-        raise ShifterError(f"job {container.job_id}", "the container belongs to uid "
-                           f"{container.uid}, not to you", os.getuid())  # fmt: skip
+    check_request(container, {}, os.getuid())  # the caller's job, as for a command
     import pwd
 
     from . import outside

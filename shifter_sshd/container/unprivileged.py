@@ -41,7 +41,7 @@ WORK = "/tmp"  # covered by our tmpfs, in our mount namespace only
 MOUNT_TIMEOUT = 10.0  # seconds for squashfuse to mount the image
 CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
-MS_PRIVATE = 1 << 18
+MS_NOEXEC, MS_PRIVATE = 8, 1 << 18
 PR_SET_PDEATHSIG, SIGKILL, SIGTERM = 1, 9, 15
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -222,18 +222,19 @@ def _build_root(request: Request, binds: list[tuple[int, str, str, bool]]) -> st
     _mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV,
            f"lowerdir={WORK}/image,upperdir={WORK}/upper,workdir={WORK}/work")  # fmt: skip
     for system in ("/dev", "/proc", "/sys"):
-        _bind(system, root + system, read_only=False, make=True)
+        _bind(system, root + system, read_only=False)
     for fd, source, dest, read_only in binds:
         try:
-            _bind(f"/proc/self/fd/{fd}", root + dest, read_only, make=True, label=source)
+            _bind(f"/proc/self/fd/{fd}", root + dest, read_only, label=source)
         finally:
             os.close(fd)
     _write_etc(request, root)
     return root
 
 
-def _bind(source: str, target: str, read_only: bool, make: bool, label: str = "") -> None:
-    if make and not os.path.lexists(target):
+def _bind(source: str, target: str, read_only: bool, label: str = "") -> None:
+    """``source`` bound at ``target`` (made in the writable root when missing)."""
+    if not os.path.lexists(target):
         if os.path.isdir(source):
             os.makedirs(target, 0o755, exist_ok=True)
         else:
@@ -254,9 +255,7 @@ def _locked_flags(path: str) -> int:
     return (
         (MS_NOSUID if got & os.ST_NOSUID else 0)
         | (MS_NODEV if got & os.ST_NODEV else 0)
-        | (
-            8 if got & os.ST_NOEXEC else 0  # MS_NOEXEC
-        )
+        | (MS_NOEXEC if got & os.ST_NOEXEC else 0)
     )
 
 
