@@ -15,7 +15,7 @@ export SHIFTER_SSHD_VENV := $(VENV)
 APT_PACKAGES := python3 python3-venv python3-dev gcc make squashfs-tools squashfs-tools-ng \
 	debootstrap busybox-static openssh-server openssh-client slurm-wlm slurmctld slurmd \
 	munge libslurm-dev iproute2 util-linux psmisc procps zstd xz-utils openmpi-bin mpich \
-	libopenmpi-dev libmpich-dev skopeo docker-registry apache2-utils squashfuse fuse3
+	libopenmpi-dev libmpich-dev skopeo docker-registry apache2-utils squashfuse fuse3 bubblewrap
 
 .PHONY: demo test setup lint typecheck pytest bench clean-lab
 
@@ -28,7 +28,7 @@ setup: $(VENV)/.installed
 
 # Debian starts sshd, munged, slurmd and slurmctld on install; the lab runs its own,
 # so a temporary policy-rc.d (exit 101) keeps the packages' daemons from starting.
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	@missing=$$(dpkg-query -W -f='$${Status} $${Package}\n' $(APT_PACKAGES) 2>&1 | grep -v '^install ok installed' || true); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$(echo "$$missing" | awk '{print $$NF}' | tr '\n' ' ')"; \

@@ -1,11 +1,13 @@
-"""``shifter --image=X true`` without root against a bare unshare + squashfuse + chroot
-of the same squashfs, and against the job path (prolog, ``shifter true``, epilog).
+"""``shifter --image=X true`` without root against two bare starts of the same squashfs
+(bubblewrap over a squashfuse mount, and unshare + squashfuse + chroot), and against
+the job path (prolog, ``shifter true``, epilog).
 
 Run as root (it prepares the store, then times as an unprivileged test user):
-``python -m benchmarks.bench_standalone [rounds]`` (default 20). The three are timed in
+``python -m benchmarks.bench_standalone [rounds]`` (default 20). The four are timed in
 turn, round by round, on the busybox image, so the ratios survive a noisy machine.
-bubblewrap is not installed here; the bare start is what it would do (a user
-namespace, a mount namespace, the FUSE mount, chroot, exec).
+The bare starts do only what a container start must (a user namespace, the FUSE
+mount, a root, exec); ``shifter --image`` also reads udiRoot.conf and the store,
+writes /etc, makes a /dev and binds home and siteFs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ SHIFTER = os.path.join(VENV, "bin", "shifter")
 IMAGE = "docker:busybox:bench"
 TAG = "bench-standalone"
 BARE = """mount -t tmpfs bare /tmp && mkdir /tmp/i && { squashfuse -f "$0" /tmp/i & p=$!; }
-while [ ! -e /tmp/i/bin ]; do :; done; chroot /tmp/i /bin/true; s=$?; kill $p; wait; exit $s"""
+while [ ! -e /tmp/i/bin ]; do kill -0 $p || exit 1; done
+chroot /tmp/i /bin/true; s=$?; kill $p; wait; exit $s"""
+# squashfuse mounts through the setuid fusermount3, as a user's own bwrap set-up would.
+BWRAP = """d=$(mktemp -d) && squashfuse "$0" "$d" || exit 1
+bwrap --ro-bind "$d" / --unshare-user /bin/true; s=$?; fusermount3 -u "$d"; rmdir "$d"; exit $s"""
 
 
 def _setup(work: Path) -> tuple[str, str]:
@@ -61,11 +67,14 @@ def main() -> None:
                "SLURM_JOB_GID": str(user.gid), "SLURM_JOB_USER": user.name,
                "SLURMD_NODENAME": "localhost", "SLURM_NODELIST": "localhost",
                "SLURM_JOB_CPUS_PER_NODE": "1", "SPANK_SHIFTER_IMAGE": IMAGE}  # fmt: skip
-        runs: dict[str, list[float]] = {"shifter --image": [], "bare unshare": [], "job path": []}
+        runs: dict[str, list[float]] = {
+            "shifter --image": [], "bwrap": [], "bare unshare": [], "job path": []
+        }  # fmt: skip
         for _round in range(rounds):
             runs["shifter --image"].append(
                 _time([*as_user, SHIFTER, f"--image={IMAGE}", "true"], env)
             )
+            runs["bwrap"].append(_time([*as_user, "sh", "-c", BWRAP, squashfs], env))
             runs["bare unshare"].append(
                 _time([*as_user, "unshare", "-Ur", "-m", "sh", "-c", BARE, squashfs], env)
             )

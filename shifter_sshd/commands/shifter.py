@@ -64,7 +64,7 @@ NO_JOB = "no Slurm job here (SLURM_JOB_ID is not set); run shifter inside an all
 JOB_PREFIXES = ("SLURM_", "SLURMD_", "SHIFTER_", "PMI_", "PMIX_", "LC_")
 JOB_NAMES = frozenset({"TERM", "USER", "LOGNAME", "HOME", "LANG"})
 USAGE = (
-    "usage: shifter [--image=NAME] [--volume=SPEC] [--] CMD [ARGS...]\n"
+    "usage: shifter [--image=NAME] [--volume=SPEC] [--module=NAMES] [--] CMD [ARGS...]\n"
     "       shifter --ssh-config=DIR [--jobid=N] [--proxy-jump=HOST]\n"
 )
 
@@ -102,7 +102,8 @@ def parse_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
             sys.stdout.write(USAGE + (__doc__ or ""))
             raise SystemExit(0)
         name, sep, value = arg.partition("=")
-        if name not in ("--image", "--volume", "--ssh-config", "--jobid", "--proxy-jump"):
+        if name not in ("--image", "--volume", "--module", "--ssh-config", "--jobid",
+                        "--proxy-jump"):  # fmt: skip
             raise ShifterError("usage", "unknown option", arg)
         if not sep:
             if index >= len(args):
@@ -153,6 +154,11 @@ def check_request(container: Container, options: dict[str, str], uid: int) -> No
     if volume is not None and _volumes(volume) != _volumes(container.volumes):
         raise ShifterError("--volume", f"this job's volumes are '{container.volumes}'; "
                            "others need their own job (for now)", volume)  # fmt: skip
+    module = options.get("module")
+    if module is not None and set(module.replace(",", " ").split()) != set(container.modules):
+        raise ShifterError("--module", f"this job's modules are "
+                           f"'{','.join(container.modules)}'; others need their own job "
+                           "(for now)", module)  # fmt: skip
 
 
 def _image_names(container: Container) -> set[str]:
@@ -171,12 +177,12 @@ def _volumes(text: str) -> list[tuple[str, ...]]:
                         for p in spec.split(":")) for spec in specs)  # fmt: skip
 
 
-def job_environment(container: Container, caller: Mapping[str, str]) -> dict[str, str]:
+def job_environment(container_env: Mapping[str, str], caller: Mapping[str, str]) -> dict[str, str]:
     """The container's environment plus the job's variables, so MPI sees the job."""
-    env = dict(container.env)
+    env = dict(container_env)
     for name, value in caller.items():
         wanted = name in JOB_NAMES or name.startswith(JOB_PREFIXES)
-        if wanted and not (name.startswith("SHIFTER_") and name in container.env):
+        if wanted and not (name.startswith("SHIFTER_") and name in container_env):
             env[name] = value
     return env
 
@@ -213,7 +219,7 @@ def run(args: list[str]) -> int:
         command = list(container.command)
     from . import enter
 
-    plan = enter.plan(container, command, job_environment(container, os.environ))
+    plan = enter.plan(container, command, job_environment(container.env, os.environ))
     return enter.enter(plan, force_ssh=os.environ.get(enter.FORCE_SSH) == "1")
 
 
@@ -221,7 +227,7 @@ def ssh_config(options: dict[str, str], command: list[str]) -> int:
     """``--ssh-config DIR``: the job's ssh material and a config for it, then the hosts
     (one per line on stdout; commands/outside.py says what and why)."""
     directory = options.get("ssh-config")
-    if directory is None or command or {"image", "volume"} & options.keys():
+    if directory is None or command or {"image", "volume", "module"} & options.keys():
         raise ShifterError("usage", "--jobid and --proxy-jump go with --ssh-config=DIR, "
                            "alone", USAGE.splitlines()[1].strip())  # fmt: skip
     environ = dict(os.environ)
@@ -245,10 +251,17 @@ def ssh_config(options: dict[str, str], command: list[str]) -> int:
 
 def standalone(options: dict[str, str], command: list[str]) -> int:
     """``--image`` with no job, or in a job without a container: one of the caller's
-    own, without root (container/unprivileged.py)."""
+    own, without root (lifecycle/standalone.py), with the job path's environment rule.
+
+    It ends with ``os._exit``: nothing of ours needs finalizing (every mount goes with
+    our namespaces), and the interpreter's teardown is a tenth of the whole start."""
     from ..config import udiroot as config
-    from ..container import unprivileged
+    from ..lifecycle import standalone as own
 
     site = config.load(os.environ.get("SHIFTER_SSHD_CONFIG") or "/etc/shifter/udiRoot.conf")
-    request = unprivileged.Request(site, options["image"], options.get("volume", ""), command)
-    return unprivileged.run(request, dict(os.environ))
+    request = own.prepare(site, options["image"], options.get("volume", ""),
+                          options.get("module", ""), command, os.environ)  # fmt: skip
+    code = own.run(request, job_environment(request.env, os.environ))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -38,6 +38,7 @@ class Node:
     mode: int
     uid: int = 0
     gid: int = 0
+    host: str = ""  # the host's node it copies (``shifter --image`` binds that one)
 
 
 def from_host(host_path: str, path: str) -> Node:
@@ -46,7 +47,7 @@ def from_host(host_path: str, path: str) -> Node:
     if not (stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)):
         raise OSError(19, "not a device node", host_path)  # ENODEV
     return Node(path, stat.S_IFMT(info.st_mode), info.st_rdev, stat.S_IMODE(info.st_mode),
-                info.st_uid, info.st_gid)  # fmt: skip
+                info.st_uid, info.st_gid, host_path)  # fmt: skip
 
 
 def host_devices(patterns: tuple[str, ...], dev: str = "/dev") -> list[Node]:

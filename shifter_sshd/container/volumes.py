@@ -25,13 +25,13 @@ from ..kernel import privileged as priv
 from ..kernel import syscalls as sc
 from ..kernel.fds import Fd
 from ..users import User
-from .rootfs import Tree
 
 TYPE_CHECKING = False  # importing typing costs every prolog ~3 ms; mypy knows this name
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # rootfs (and devfs) are the prolog's: shifter --image needs neither
     from collections.abc import Callable
 
     from ..kernel.asuser import Source
+    from .rootfs import Tree
 
 VOLUME_FLAGS = ("ro", "rw")
 # Destinations a volume may not be, cover, or sit inside.

@@ -14,7 +14,6 @@ chmod (on the container's own /dev). Others are logged and skipped.
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 import struct
@@ -70,12 +69,20 @@ def job_gpus(job_env: Mapping[str, str]) -> list[str]:
     return indexes
 
 
-def plan(config: Config, job_env: Mapping[str, str], modules: tuple[str, ...]) -> Plan | None:
-    """What to inject for this job, or None: no GPU here, or the site turned it off."""
+def plan(
+    config: Config,
+    job_env: Mapping[str, str],
+    modules: tuple[str, ...],
+    indexes: list[str] | None = None,
+) -> Plan | None:
+    """What to inject for this job, or None: no GPU here, or the site turned it off.
+
+    ``indexes``: the GPUs to inject where no Slurm job names them (``usable``)."""
     asked = MODULE in modules
     if config.gpu_injection == "off" or (config.gpu_injection == "module" and not asked):
         return None
-    indexes = job_gpus(job_env)
+    if indexes is None:
+        indexes = job_gpus(job_env)
     if not indexes:
         if asked:
             raise user_error("--module", "the job has no GPU on this node (ask Slurm for "
@@ -102,6 +109,21 @@ def plan(config: Config, job_env: Mapping[str, str], modules: tuple[str, ...]) -
     return result
 
 
+def usable(config: Config) -> list[str]:
+    """Outside any job: the GPUs of the site's specs whose every device node (the
+    spec's own, nvidiactl, and the GPU's) this user may open, by index."""
+    prefix, _sep, suffix = config.gpu_cdi_device.partition("{index}")
+    found = []
+    for qualified, (spec, name) in cdi.registry(config.cdi_spec_dirs).items():
+        index = qualified.removeprefix(prefix).removesuffix(suffix)
+        if not (qualified.startswith(prefix) and qualified.endswith(suffix) and index.isdigit()):
+            continue
+        nodes = [*spec.edits.device_nodes, *spec.devices[name].device_nodes]
+        if nodes and all(os.access(n.host_path, os.R_OK | os.W_OK) for n in nodes):
+            found.append(index)
+    return sorted(found, key=int)
+
+
 def _node(node: cdi.DeviceNode) -> devfs.Node:
     """The device node to make: the spec's numbers where it gives them, else the host's."""
     relative = node.path.removeprefix("/dev/")
@@ -118,7 +140,7 @@ def _node(node: cdi.DeviceNode) -> devfs.Node:
     mode = node.file_mode if node.file_mode is not None else host.mode
     uid = node.uid if node.uid is not None else host.uid
     gid = node.gid if node.gid is not None else host.gid
-    return devfs.Node(relative, kind, rdev, stat.S_IMODE(mode), uid, gid)
+    return devfs.Node(relative, kind, rdev, stat.S_IMODE(mode), uid, gid, host.host)
 
 
 def _hook(hook: cdi.Hook, result: Plan) -> None:
@@ -314,7 +336,7 @@ def _mount_point(folder: int, name: str) -> int:
 def _soname_links(folder: int, libraries: list[tuple[str, str]]) -> None:
     """What ldconfig does in a folder: soname -> file links for the bound libraries."""
     for name, host_path in libraries:
-        found = _soname(host_path)
+        found = soname_of(host_path)
         if found and found[0].decode() != name:
             _replace_link(folder, found[0].decode(), name)
 
@@ -332,8 +354,10 @@ def _replace_link(folder: int, name: str, target: str) -> None:
     priv.symlink(folder, name, target)
 
 
-def _soname(host_path: str) -> tuple[bytes, int] | None:
+def soname_of(host_path: str) -> tuple[bytes, int] | None:
     """A host library's soname, mapped not read (driver libraries are tens of MB)."""
+    import mmap  # only where there are GPUs
+
     try:
         with open(host_path, "rb") as handle, \
                 mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:  # fmt: skip
@@ -344,20 +368,27 @@ def _soname(host_path: str) -> tuple[bytes, int] | None:
 
 def _write_cache(tree: Tree, folders: list[str], bound: dict[str, list[tuple[str, str]]]) -> None:
     """The image's /etc/ld.so.cache with the bound libraries added (by their sonames)."""
-    entries = _image_cache(tree) or []
+    priv.write_file(tree.etc, "ld.so.cache", cache(image_cache(tree.etc), folders, bound), 0o644)
+
+
+def cache(image: list[ldcache.Entry] | None, folders: list[str],
+          bound: dict[str, list[tuple[str, str]]]) -> bytes:  # fmt: skip
+    """An ld.so.cache: the image's entries and the libraries bound in ``folders``."""
+    entries = list(image or [])
     for folder in folders:
         for _name, host_path in bound.get(folder, []):
-            found = _soname(host_path)
+            found = soname_of(host_path)
             if found:
                 soname, flags = found
                 entries.append(ldcache.Entry(soname, f"{folder}/{soname.decode()}".encode(),
                                              flags))  # fmt: skip
-    priv.write_file(tree.etc, "ld.so.cache", ldcache.write(entries), 0o644)
+    return ldcache.write(entries)
 
 
-def _image_cache(tree: Tree) -> list[ldcache.Entry] | None:
+def image_cache(etc_fd: int) -> list[ldcache.Entry] | None:
+    """The entries of the image's own /etc/ld.so.cache (``etc_fd``: its /etc)."""
     try:
-        with Root(tree.etc) as etc:
+        with Root(etc_fd) as etc:
             fd = etc.open("ld.so.cache", os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None

@@ -56,6 +56,10 @@ class Container:
         self.image = _text(raw, "image")
         self.image_id = _text(raw, "image_id")
         self.volumes = _text(raw, "volumes")
+        modules = raw.get("modules") or []  # --module as the job gave it
+        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+            raise _malformed("modules")
+        self.modules: list[str] = modules
         self.workdir = str(raw.get("workdir") or "")
         # The image's ENTRYPOINT + CMD (a pulled image), or import's --entrypoint (a shell
         # command): what ``shifter`` runs when given no command. Absent before 0.4.

@@ -259,7 +259,10 @@ def test_errors(job: Job, test_users: list[LabUser]) -> None:
                            "others need their own job (for now): /tmp:/data\n"),
         "no command": (job.shifter(), "shifter: usage: no command given, and the image has "
                        "none: usage: shifter "
-                       "[--image=NAME] [--volume=SPEC] [--] CMD [ARGS...]\n"),
+                       "[--image=NAME] [--volume=SPEC] [--module=NAMES] [--] CMD [ARGS...]\n"),
+        "another module": (job.shifter("--module=gpu", "true"),
+                           "shifter: --module: this job's modules are ''; others need their "
+                           "own job (for now): gpu\n"),
         "bad option": (job.shifter("--imgae=x", "true"),
                        "shifter: usage: unknown option: --imgae=x\n"),
     }  # fmt: skip

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from support import CLI, run
 
-from lab import VENV, images
+from lab import VENV, fakegpu, images
 from lab.users import LabUser
 from shifter_sshd.kernel import processes
 
@@ -149,3 +149,99 @@ def test_bad_input_is_a_clear_error(site: Site, user: LabUser, args: list[str],
     done = _shifter(site, user, *args)
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("shifter: ") and message in done.stderr, done.stderr
+
+
+def _import(site: Site, source: str, name: str) -> None:
+    done = run([CLI, "--config", site.config, "image", "import", source, name], dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    subprocess.run(["chmod", "-R", "a+rX", str(site.directory)], check=True)
+
+
+def _add_config(site: Site, text: str) -> None:
+    with open(site.config, "a", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def test_an_image_cannot_lead_the_writes_and_mounts_out(site: Site, user: LabUser) -> None:
+    """An image whose /etc and siteFs mount point are symlinks to a directory of the
+    user's on the host: /etc's files and the mount land in the container."""
+    trap = Path(tempfile.mkdtemp(prefix="shifter-sshd-trap-", dir="/var/tmp"))
+    try:
+        os.chown(trap, user.uid, user.gid)
+        tree = images.busybox_tree(site.directory / "trap-tree")
+        shutil.rmtree(tree / "etc")
+        (tree / "etc").symlink_to(trap)
+        (tree / "site").symlink_to(f"{trap}/site")
+        _import(site, str(tree), "docker:busybox:trap")
+        done = _shifter(site, user, "--image=docker:busybox:trap", "/bin/sh", "-c",
+                        f"grep -c '^{user.name}:' /etc/passwd; cat /site/note")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["1", "from siteFs"]
+        assert list(trap.iterdir()) == []  # nothing written or made on the host
+    finally:
+        shutil.rmtree(trap, ignore_errors=True)
+
+
+def test_the_containers_own_dev(site: Site, user: LabUser) -> None:
+    host_only = [
+        n for n in ("kmsg", "mem", "loop-control", "sda", "vda") if os.path.exists(f"/dev/{n}")
+    ]
+    assert host_only, "the host has none of the nodes this test looks for"
+    name = f"shifter-sshd-test-{os.getpid()}"
+    script = (f"ls -a /dev; echo x > /dev/null; head -c 3 /dev/zero | wc -c; touch /dev/{name}; "
+              "[ -c /dev/ptmx ] && echo ptmx")  # fmt: skip
+    done = _shifter(site, user, f"--image={IMAGE}", "/bin/sh", "-c", script)
+    assert done.returncode == 0, done.stderr
+    names = set(done.stdout.split())
+    assert {"null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm", "fd",
+            "stdin", "stdout", "stderr", "3", "ptmx"} <= names, done.stdout  # fmt: skip
+    assert not names & set(host_only), done.stdout
+    assert not os.path.exists(f"/dev/{name}")  # the container's /dev is its own tmpfs
+
+
+def test_modules_and_the_jobs_environment_rule(site: Site, user: LabUser, data: Path) -> None:
+    _add_config(site, "defaultModules=base\nmodule_base_siteEnv=BASE_MOD=1\n"
+                f"module_extra_siteFs={data}:/extra\nmodule_extra_siteEnv=EXTRA=yes\n")  # fmt: skip
+    env = {**_env(site, user), "SLURM_NTASKS": "3", "DISPLAY": ":0"}
+    script = ("echo $BASE_MOD $EXTRA $SLURM_NTASKS; cat /extra/in; "
+              "env | grep -c -e ^OMPI_MCA_plm= -e ^SHIFTER_HOSTSFILE= -e ^DISPLAY=")  # fmt: skip
+    done = subprocess.run(_argv(user, f"--image={IMAGE}", "--module=extra", "/bin/sh", "-c",
+                                script), env=env, cwd=user.home, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert done.stdout.splitlines() == ["1 yes 3", "a volume", "0"], done.stderr
+    done = _shifter(site, user, f"--image={IMAGE}", "--module=nosuch", "true")
+    assert done.returncode == 1 and "--module: no such module on this system: nosuch" in done.stderr
+
+
+@pytest.fixture
+def gpus() -> Iterator[Path]:
+    top = Path(tempfile.mkdtemp(prefix="shifter-sshd-fakegpu-", dir="/var/tmp"))
+    os.chmod(top, 0o755)
+    fakegpu.build(top, gpus=4)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def test_gpus_from_the_sites_cdi_specs(site: Site, user: LabUser, gpus: Path) -> None:
+    _import(site, str(images.debian_squashfs("openmpi")), "docker:debian:gpu")
+    _add_config(site, f"cdiSpecDirs={gpus / 'cdi'}\nstatePath={site.directory / 'state'}\n")
+    (site.directory / "state").mkdir()
+    os.chmod(gpus / "dev" / "nvidia2", 0o600)  # a GPU this user may not open
+    script = ("ls /dev | grep nvidia | tr '\\n' ' '; echo; nvidia-smi -L; "
+              "echo $NVIDIA_VISIBLE_DEVICES $CUDA_VISIBLE_DEVICES; "
+              f"/sbin/ldconfig -p | grep -c 'libcuda.so.1 .*{fakegpu.LIB_FOLDER}'")  # fmt: skip
+    done = _shifter(site, user, "--image=docker:debian:gpu", "/bin/sh", "-c", script)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["nvidia-uvm", "nvidia0", "nvidia1", "nvidia3", "nvidiactl"]
+    assert [line.split(" (UUID")[0] for line in lines[1:4]] == [
+        "GPU 0: Fake GPU", "GPU 1: Fake GPU", "GPU 2: Fake GPU"]  # fmt: skip
+    assert lines[4:] == ["0,1,3 0,1,2", "1"], done.stdout
+    # In a job that asked for no container: the GPUs Slurm gave it, numbered from 0.
+    env = {**_env(site, user), "SLURM_JOB_ID": "4711", "SLURM_JOB_GPUS": "3"}
+    done = subprocess.run(_argv(user, "--image=docker:debian:gpu", "/bin/sh", "-c", script),
+                          env=env, cwd=user.home, capture_output=True, text=True, timeout=60,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].split() == ["nvidia-uvm", "nvidia3", "nvidiactl"]
+    assert done.stdout.splitlines()[-2:] == ["3 0", "1"], done.stdout
