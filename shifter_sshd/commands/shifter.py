@@ -155,10 +155,15 @@ def check_request(container: Container, options: dict[str, str], uid: int) -> No
         raise ShifterError("--volume", f"this job's volumes are '{container.volumes}'; "
                            "others need their own job (for now)", volume)  # fmt: skip
     module = options.get("module")
-    if module is not None and set(module.replace(",", " ").split()) != set(container.modules):
+    if module is not None and set(module_names(module)) != set(container.modules):
         raise ShifterError("--module", f"this job's modules are "
                            f"'{','.join(container.modules)}'; others need their own job "
                            "(for now)", module)  # fmt: skip
+
+
+def module_names(text: str) -> tuple[str, ...]:
+    """``--module=a,b`` or ``--module='a b'``: the names, as the SPANK option takes them."""
+    return tuple(text.replace(",", " ").split())
 
 
 def _image_names(container: Container) -> set[str]:
@@ -260,7 +265,7 @@ def standalone(options: dict[str, str], command: list[str]) -> int:
 
     site = config.load(os.environ.get("SHIFTER_SSHD_CONFIG") or "/etc/shifter/udiRoot.conf")
     request = own.prepare(site, options["image"], options.get("volume", ""),
-                          options.get("module", ""), command, os.environ)  # fmt: skip
+                          module_names(options.get("module", "")), command, os.environ)  # fmt: skip
     code = own.run(request, job_environment(request.env, os.environ))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -334,11 +334,19 @@ def _mount_point(folder: int, name: str) -> int:
 
 
 def _soname_links(folder: int, libraries: list[tuple[str, str]]) -> None:
-    """What ldconfig does in a folder: soname -> file links for the bound libraries."""
+    for link, target in soname_links(libraries):
+        _replace_link(folder, link, target)
+
+
+def soname_links(libraries: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What ldconfig makes in a folder: (soname, file) links for the bound libraries
+    ((name in the folder, host path) each)."""
+    links = []
     for name, host_path in libraries:
         found = soname_of(host_path)
         if found and found[0].decode() != name:
-            _replace_link(folder, found[0].decode(), name)
+            links.append((found[0].decode(), name))
+    return links
 
 
 def _replace_link(folder: int, name: str, target: str) -> None:

@@ -50,10 +50,8 @@ def apply(inside: Root, gpus: Plan) -> None:
         folder, name = os.path.split(os.path.normpath(mount.container_path))
         bound.setdefault(folder, []).append((name, mount.host_path))
     for folder in gpus.ldcache_folders:
-        for name, host_path in bound.get(folder, []):
-            found = plan.soname_of(host_path)
-            if found and found[0].decode() != name:
-                unprivileged.link(inside, f"{folder}/{found[0].decode()}", name)
+        for link, target in plan.soname_links(bound.get(folder, [])):
+            unprivileged.link(inside, f"{folder}/{link}", target)
     for target, path in gpus.links:
         unprivileged.link(inside, path, target)
     if gpus.ldcache_folders:

@@ -46,16 +46,16 @@ class Request:
     image_fd: int
 
 
-def prepare(config: Config, image: str, volume_text: str, module_text: str,
+def prepare(config: Config, image: str, volume_text: str, asked: tuple[str, ...],
             argv: list[str], caller: Mapping[str, str]) -> Request:  # fmt: skip
     record = store.Store.from_config(config).lookup(image)
     user = users.lookup(os.getuid(), None, config.max_group_count)
-    modules = environment.modules(config, _names(module_text))
+    modules = environment.modules(config, asked)
     given = volumes.parse_volumes(volume_text, config.max_volumes)
     for volume in given:
         _readable(volume.source)
     site_fs = [*config.site_fs, *(m for module in modules for m in module.site_fs)]
-    gpus = _gpus(config, caller, tuple(m.name for m in modules) + _names(module_text))
+    gpus = _gpus(config, caller, tuple(m.name for m in modules) + asked)
     env = environment.container_env(config, record.metadata.env, modules)
     env.update(gpus.env if gpus else {})
     # No container sshd to launch ranks through, no /var/hostsfile: the job path's
@@ -85,16 +85,13 @@ def _readable(source: str) -> None:
         raise user_error("--volume", "source not readable by you", source)
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(name for name in text.replace(",", " ").split() if name)
-
-
 def _gpus(config: Config, caller: Mapping[str, str], modules: tuple[str, ...]) -> Plan | None:
     if config.gpu_injection == "off":
         return None
     in_job = bool(caller.get("SLURM_JOB_ID"))
+    # A login node without specs: not even the CDI reader is loaded ("gpu": plan.MODULE).
     if not in_job and "gpu" not in modules and not any(map(_listed, config.cdi_spec_dirs)):
-        return None  # a login node without specs: not even the CDI reader is loaded
+        return None
     from ..gpu import plan
 
     if in_job:
